@@ -1,0 +1,36 @@
+"""maskjax: masked transformers for vision in JAX/Flax."""
+import setuptools
+
+_CORE = [
+    "jax>=0.10.0",
+    "flax>=0.12.0",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.12.0",
+    "ml-collections>=1.0.0",
+    "chex>=0.1.90",
+    "numpy>=2.0",
+    "grain>=0.2.12",
+    "tensorflow-datasets>=4.9.8",  # TFDS builders with array_record run without TensorFlow.
+    "array-record>=0.8.0",
+    "tensorboardX>=2.6.2",
+    "tqdm>=4.66",
+    "Pillow>=10.0",
+    "matplotlib>=3.8",
+    "flatbuffers>=24.3",  # jax.export serialization.
+]
+
+setuptools.setup(
+    name="maskjax",
+    version="0.1.0",
+    description="Masked transformers for vision: attention masks, MAE, MaskGIT, segmentation, in JAX/Flax.",
+    packages=setuptools.find_packages(include=["maskjax", "maskjax.*"]),
+    python_requires=">=3.11",
+    install_requires=_CORE,
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # TensorFlow is only needed for TFDS datasets whose builders require it (e.g. `fashion_mnist` download).
+        "tfds": ["tensorflow-cpu>=2.16"],
+        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+    },
+    entry_points={"console_scripts": ["maskjax=maskjax.main:run"]},
+)
