@@ -1,0 +1,12 @@
+"""Tasks own losses, evaluation metrics and visualisations; they know nothing of meshes or checkpoints."""
+
+from maskjax.tasks.classification import ClassificationTask
+
+TASKS = {"classification": ClassificationTask}
+
+
+def make_task(config):
+    """The task named by `config.task`."""
+    if config.task not in TASKS:
+        raise ValueError(f"config.task={config.task!r}: must be one of {sorted(TASKS)}")
+    return TASKS[config.task](config)

@@ -1,0 +1,213 @@
+"""The config schema shared by every experiment, and its up-front validation.
+
+Config files in `configs/` start from `base_config()` and change what they need; every field exists here with a
+default and a one-line comment, so a mistyped `--config.<key>=...` override is an error, never a silent no-op.
+"""
+
+import difflib
+from typing import Any, Iterable, Optional
+
+import ml_collections
+
+# Logical axis -> mesh axes. A mesh axis of size 1 costs nothing, so the same rules serve data parallelism
+# (mesh data=-1), FSDP (fsdp=-1) and tensor parallelism (model=N); the mesh shape alone selects the strategy.
+DEFAULT_SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("head_dim", None),
+    ("classes", None),
+    ("patch", None),
+    ("posemb_tokens", None),
+    ("norm", None),
+    ("tokens", None),
+)
+
+MESH_AXES = ("data", "fsdp", "model")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Returns the full schema with defaults (supervised ViT on the built-in data)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Root of every random draw (init, dropout, data order, augmentation).
+    c.task = "classification"  # One of maskjax.tasks.TASKS.
+    c.total_steps = 300  # Optimizer steps to train for.
+    c.batch_size = 64  # Global batch size (all hosts, all devices).
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "builtin_shapes"  # 'builtin_shapes', 'fashion_mnist' or 'tfds:<builder>'.
+    c.data.data_dir = ""  # Data directory for TFDS / IDX files ('' = the library default).
+    c.data.image_size = 32  # Side of the (square) training images.
+    c.data.train_split = "train"  # Split used for training.
+    c.data.eval_split = "validation"  # Split used for periodic evaluation.
+    c.data.augment = True  # Random crop (pad 4) + horizontal flip on training images.
+    c.data.num_threads = 2  # Threads of the input pipeline (grain).
+    c.data.prefetch = 2  # Batches prepared ahead of the train step.
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "vit"  # Model family.
+    c.model.variant = "Ti/4"  # '<size>/<patch>': size in mu, Ti, S, M, B, L, H.
+    c.model.depth = -1  # Override the variant's depth (-1 = keep).
+    c.model.num_classes = 10  # Classifier outputs; must match the data set.
+    c.model.class_token = True  # Prepend a learned [cls] token.
+    c.model.num_registers = 0  # Extra register tokens (Darcet et al. 2023).
+    c.model.posemb = "learn"  # 'learn' or 'sincos2d'.
+    c.model.pool = "cls"  # 'cls' or 'gap' (global average of patch tokens).
+    c.model.dropout = 0.0  # Dropout rate in MLPs and on embeddings.
+    c.model.drop_path_rate = 0.1  # Stochastic depth at the last block (linear ramp from 0).
+    c.model.layer_scale_init = 0.0  # LayerScale initial value (0 = off).
+    c.model.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); parameters stay float32.
+    c.model.remat = False  # Rematerialise blocks in the backward pass to save memory.
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.label_smoothing = 0.0  # Label smoothing of the softmax cross-entropy.
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"  # 'adamw', 'adam', 'sgd' or 'lamb'.
+    c.optimizer.learning_rate = 1e-3  # Peak learning rate.
+    c.optimizer.schedule = "warmup_cosine"  # 'warmup_cosine', 'warmup_linear' or 'constant'.
+    c.optimizer.warmup_steps = 30  # Linear warm-up steps.
+    c.optimizer.end_lr_fraction = 0.0  # Final learning rate as a fraction of the peak.
+    c.optimizer.b1 = 0.9  # Adam beta1 / SGD momentum.
+    c.optimizer.b2 = 0.999  # Adam beta2.
+    c.optimizer.weight_decay = 0.05  # Decoupled weight decay (not on biases, norms, embeddings).
+    c.optimizer.grad_clip_norm = 1.0  # Clip the global gradient norm (0 = off).
+    c.optimizer.accum_steps = 1  # Micro-batches per step (gradient accumulation).
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # Data-parallel axis size (-1 = all remaining devices).
+    c.mesh.fsdp = 1  # Fully-sharded data-parallel axis size (-1 = all remaining).
+    c.mesh.model = 1  # Tensor-parallel axis size (-1 = all remaining).
+    c.sharding_rules = DEFAULT_SHARDING_RULES  # Logical axis name -> mesh axes.
+
+    c.log_every = 10  # Steps between metric records.
+    c.eval_every = 100  # Steps between evaluations (0 = only at the end).
+    c.eval_batch_size = 250  # Global batch size of evaluation.
+    c.eval_examples = -1  # Evaluate on the first N examples of the split (-1 = all).
+    c.checkpoint_every = 100  # Steps between checkpoints (the last step is always saved).
+    c.keep_checkpoints = 3  # Checkpoints kept on disk.
+    c.async_checkpointing = True  # Write checkpoints in a background thread.
+    c.num_visualize = 16  # Validation examples drawn with their predictions at the end.
+    c.progress_bar = True  # Live tqdm progress bar on the main process.
+    c.stop_after_steps = -1  # Stop (with a checkpoint) after this many steps of this run (-1 = never; for tests).
+    return c
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a config."""
+    keys = []
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(flat_keys(value, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def unknown_key_message(key: str, valid: Iterable[str]) -> str:
+    """A message naming a mistyped key and the nearest valid ones."""
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"Unknown config key {key!r}.{hint}"
+
+
+def check_known_keys(config: ml_collections.ConfigDict, reference: Optional[ml_collections.ConfigDict] = None):
+    """Raises ValueError for keys of `config` that the schema does not have."""
+    reference = base_config() if reference is None else reference
+    valid = set(flat_keys(reference))
+    for key in flat_keys(config):
+        if key not in valid and not any(key.startswith(v + ".") for v in valid):
+            raise ValueError(unknown_key_message(key, valid))
+
+
+def _fail(key: str, value: Any, why: str):
+    raise ValueError(f"config.{key}={value!r}: {why}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Checks a config against itself and the device count before any compute; errors name key and value."""
+    check_known_keys(config)
+    from maskjax.models.vit import decode_variant  # Local import: configs must stay importable without models.
+    from maskjax.tasks import TASKS
+
+    if config.task not in TASKS:
+        _fail("task", config.task, f"must be one of {sorted(TASKS)}")
+    for key in ("total_steps", "batch_size", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if int(config[key]) < 1:
+            _fail(key, config[key], "must be >= 1")
+    if config.eval_every < 0:
+        _fail("eval_every", config.eval_every, "must be >= 0")
+    try:
+        variant = decode_variant(config.model.variant)
+    except ValueError as e:
+        _fail("model.variant", config.model.variant, str(e))
+    patch = variant["patch_size"]
+    if config.data.image_size <= 0 or config.data.image_size % patch:
+        _fail("data.image_size", config.data.image_size, f"must be a positive multiple of the patch size {patch} "
+              f"(model.variant={config.model.variant!r})")
+    if config.model.posemb not in ("learn", "sincos2d"):
+        _fail("model.posemb", config.model.posemb, "must be 'learn' or 'sincos2d'")
+    if config.model.pool not in ("cls", "gap"):
+        _fail("model.pool", config.model.pool, "must be 'cls' or 'gap'")
+    if config.model.pool == "cls" and not config.model.class_token:
+        _fail("model.pool", config.model.pool, "needs model.class_token=True")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        _fail("model.dtype", config.model.dtype, "must be 'float32' or 'bfloat16'")
+    if config.model.num_classes < 1:
+        _fail("model.num_classes", config.model.num_classes, "must be >= 1")
+    if not 0.0 <= config.model.drop_path_rate < 1.0:
+        _fail("model.drop_path_rate", config.model.drop_path_rate, "must be in [0, 1)")
+
+    opt = config.optimizer
+    if opt.name not in ("adamw", "adam", "sgd", "lamb"):
+        _fail("optimizer.name", opt.name, "must be one of 'adamw', 'adam', 'sgd', 'lamb'")
+    if opt.schedule not in ("warmup_cosine", "warmup_linear", "constant"):
+        _fail("optimizer.schedule", opt.schedule, "must be 'warmup_cosine', 'warmup_linear' or 'constant'")
+    if opt.learning_rate <= 0:
+        _fail("optimizer.learning_rate", opt.learning_rate, "must be > 0")
+    if not 0 <= opt.warmup_steps <= config.total_steps:
+        _fail("optimizer.warmup_steps", opt.warmup_steps, f"must be in [0, total_steps={config.total_steps}]")
+    if opt.accum_steps < 1:
+        _fail("optimizer.accum_steps", opt.accum_steps, "must be >= 1")
+
+    mesh_shape = resolve_mesh_shape(config.mesh, num_devices)
+    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    micro_batch, rest = divmod(config.batch_size, opt.accum_steps)
+    if rest:
+        _fail("batch_size", config.batch_size, f"must be divisible by optimizer.accum_steps={opt.accum_steps}")
+    if micro_batch % batch_shards:
+        _fail("batch_size", config.batch_size, f"the micro-batch {micro_batch} must be divisible by the "
+              f"{batch_shards} batch shards of the mesh {mesh_shape} ({num_devices} devices)")
+    if config.batch_size % num_processes:
+        _fail("batch_size", config.batch_size, f"must be divisible by the number of processes {num_processes}")
+    if config.eval_batch_size % batch_shards or config.eval_batch_size % num_processes:
+        _fail("eval_batch_size", config.eval_batch_size,
+              f"must be divisible by the {batch_shards} batch shards and {num_processes} processes")
+    if config.data.num_threads < 0 or config.data.prefetch < 0:
+        _fail("data.num_threads", config.data.num_threads, "num_threads and prefetch must be >= 0")
+
+
+def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with at most one -1 filled in so that their product is `num_devices`."""
+    sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+    unknown = set(mesh_config.keys()) - set(MESH_AXES)
+    if unknown:
+        _fail(f"mesh.{sorted(unknown)[0]}", mesh_config[sorted(unknown)[0]], f"mesh axes are {MESH_AXES}")
+    auto = [axis for axis, size in sizes.items() if size == -1]
+    if len(auto) > 1:
+        _fail(f"mesh.{auto[1]}", -1, f"only one mesh axis may be -1 (also mesh.{auto[0]})")
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            _fail(f"mesh.{axis}", size, "must be a positive size or -1")
+    known = 1
+    for axis, size in sizes.items():
+        if size != -1:
+            known *= size
+    if auto:
+        if num_devices % known:
+            _fail(f"mesh.{auto[0]}", -1, f"cannot fill: {num_devices} devices are not divisible by {known}")
+        sizes[auto[0]] = num_devices // known
+    elif known != num_devices:
+        _fail("mesh", dict(sizes), f"uses {known} devices but {num_devices} are available")
+    return sizes
