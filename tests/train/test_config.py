@@ -1,0 +1,93 @@
+"""Config validation fails before any compute, naming the bad key and value."""
+
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from maskjax.train import config as config_lib
+
+
+def _config(**overrides):
+    c = config_lib.base_config()
+    for dotted, value in overrides.items():
+        target = c
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def test_base_config_is_valid_on_any_device_count():
+    for devices in (1, 2, 8):
+        config_lib.validate(_config(), num_devices=devices)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (dict(data__image_size=30), "data.image_size=30"),
+    (dict(model__variant="Tx/4"), "model.variant='Tx/4'"),
+    (dict(model__posemb="rope"), "model.posemb='rope'"),
+    (dict(batch_size=60), "batch_size=60"),
+    (dict(optimizer__name="adagradx"), "optimizer.name='adagradx'"),
+    (dict(optimizer__warmup_steps=10_000), "optimizer.warmup_steps=10000"),
+    (dict(mesh__data=-1, mesh__fsdp=-1), "mesh.fsdp=-1"),
+    (dict(mesh__data=3), "mesh"),
+    (dict(task="segmentation_of_dreams"), "task='segmentation_of_dreams'"),
+])
+def test_bad_values_name_key_and_value(overrides, expected):
+    with pytest.raises(ValueError) as error:
+        config_lib.validate(_config(**overrides), num_devices=8)
+    assert expected in str(error.value)
+
+
+def test_batch_not_divisible_by_devices_names_both():
+    with pytest.raises(ValueError) as error:
+        config_lib.validate(_config(batch_size=12), num_devices=8)
+    assert "batch_size=12" in str(error.value) and "8" in str(error.value)
+
+
+def test_accumulation_micro_batch_must_fit_mesh():
+    config_lib.validate(_config(batch_size=64, optimizer__accum_steps=4), num_devices=8)
+    with pytest.raises(ValueError, match="micro-batch 4"):
+        config_lib.validate(_config(batch_size=64, optimizer__accum_steps=16), num_devices=8)
+
+
+def test_unknown_key_is_named_with_suggestion():
+    c = _config()
+    c.optimizer.learnig_rate = 1.0
+    with pytest.raises(ValueError) as error:
+        config_lib.check_known_keys(c)
+    assert "optimizer.learnig_rate" in str(error.value)
+    assert "optimizer.learning_rate" in str(error.value)
+
+
+def test_mesh_fill():
+    mesh = ml_collections.ConfigDict(dict(data=2, fsdp=-1, model=2))
+    assert config_lib.resolve_mesh_shape(mesh, 8) == dict(data=2, fsdp=2, model=2)
+    with pytest.raises(ValueError, match="mesh.fsdp"):
+        config_lib.resolve_mesh_shape(ml_collections.ConfigDict(dict(data=3, fsdp=-1, model=1)), 8)
+
+
+@pytest.mark.slow
+def test_command_line_rejects_mistyped_override(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "maskjax.main", "--config=configs/vit_builtin.py:runlocal",
+         f"--workdir={tmp_path}", "--config.optimizer.learnig_rate=0.1"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "optimizer.learnig_rate" in result.stderr
+    assert "optimizer.learning_rate" in result.stderr  # The suggestion.
+    assert not (tmp_path / "checkpoints").exists()  # Failed before any compute.
+
+
+@pytest.mark.slow
+def test_command_line_rejects_bad_patch_size(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "maskjax.main", "--config=configs/vit_builtin.py:runlocal",
+         f"--workdir={tmp_path}", "--config.data.image_size=30"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "data.image_size=30" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,121 @@
+"""The trainer: learning, sharding equivalence, accumulation, checkpoints, NaN handling (8 fake CPU devices)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import vit_builtin
+from maskjax.train import checkpoint as ckpt_lib
+from maskjax.train.trainer import NonFiniteLossError, Trainer
+
+
+def tiny_config(**overrides):
+    """The runlocal config, quieter and smaller; overrides use '__' for nesting."""
+    c = vit_builtin.get_config("runlocal")
+    c.progress_bar = False
+    c.eval_examples = 200
+    c.eval_batch_size = 40
+    c.num_visualize = 4
+    c.data.num_threads = 0
+    for dotted, value in overrides.items():
+        target = c
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def run_steps(trainer, num_steps):
+    """Trains `num_steps` from a fresh state; returns the state and the per-step losses."""
+    state = trainer.initial_state()
+    losses = []
+    for step, local_batch in trainer.train_loader.iterate(0):
+        if step == num_steps:
+            break
+        state, metrics = trainer.train_step(state, trainer.to_global(local_batch))
+        losses.append(float(metrics["loss"]))
+    return state, np.array(losses)
+
+
+def test_short_run_lowers_the_loss(tmp_path):
+    trainer = Trainer(tiny_config(total_steps=40, eval_every=0, checkpoint_every=40), str(tmp_path))
+    before = trainer.evaluate(trainer.initial_state().params)
+    result = trainer.run()
+    after = result.eval_metrics
+    assert after["loss"] < 0.9 * before["loss"], (before, after)
+    assert after["accuracy"] > before["accuracy"]
+    records = [json.loads(line) for line in open(result.paths["metrics"])]
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(5, 41, 5))
+    assert any("eval/accuracy" in r for r in records)
+    assert os.listdir(result.paths["tensorboard"]), "no TensorBoard event file"
+    assert any(name.endswith(".png") for name in os.listdir(result.paths["images"]))
+    assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() == 40
+
+
+@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, model=1),    # data parallel
+                                  dict(data=1, fsdp=8, model=1),    # FSDP
+                                  dict(data=4, fsdp=1, model=2),    # tensor parallel
+                                  dict(data=2, fsdp=2, model=2)])   # all three
+def test_sharded_training_matches_one_device(tmp_path, mesh):
+    config = tiny_config()
+    single = Trainer(config, str(tmp_path / "one"), devices=jax.devices()[:1])
+    single_state, single_losses = run_steps(single, 3)
+    config.mesh.update(mesh)
+    sharded = Trainer(config, str(tmp_path / "many"), devices=jax.devices()[:8])
+    sharded_state, sharded_losses = run_steps(sharded, 3)
+    np.testing.assert_allclose(sharded_losses, single_losses, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(single_state.params)),
+                    jax.tree.leaves(jax.device_get(sharded_state.params))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+    if mesh["fsdp"] > 1 or mesh["model"] > 1:
+        specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(sharded_state.params)}
+        assert any(("fsdp" in s) or ("model" in s) for s in specs), specs
+
+
+def test_gradient_accumulation_equals_full_batch(tmp_path):
+    full = Trainer(tiny_config(model__drop_path_rate=0.0), str(tmp_path / "full"))
+    full_state, full_losses = run_steps(full, 2)
+    accumulated = Trainer(tiny_config(model__drop_path_rate=0.0, optimizer__accum_steps=4), str(tmp_path / "acc"))
+    acc_state, acc_losses = run_steps(accumulated, 2)
+    np.testing.assert_allclose(acc_losses, full_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(full_state.params)),
+                    jax.tree.leaves(jax.device_get(acc_state.params))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+
+
+def test_restore_onto_another_mesh(tmp_path):
+    writer = Trainer(tiny_config(total_steps=3, checkpoint_every=3, eval_every=0, num_visualize=0,
+                                 mesh__data=1, mesh__fsdp=8), str(tmp_path))
+    writer.run()
+    saved = jax.device_get(writer.state.params)
+    reader = Trainer(tiny_config(mesh__data=4, mesh__model=2), str(tmp_path), devices=jax.devices()[:8])
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+    restored = reader.restore(checkpointer, 3)
+    assert int(restored.step) == 3
+    for leaf in jax.tree.leaves(restored.params):
+        assert leaf.sharding.mesh.shape == reader.mesh.shape
+    jax.tree.map(np.testing.assert_array_equal, saved, jax.device_get(restored.params))
+    # A single device works too.
+    single = Trainer(tiny_config(), str(tmp_path), devices=jax.devices()[:1]).restore(checkpointer, 3)
+    jax.tree.map(np.testing.assert_array_equal, saved, jax.device_get(single.params))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = Trainer(tiny_config(total_steps=30, checkpoint_every=2, eval_every=0, async_checkpointing=False),
+                      str(tmp_path))
+    honest_step = trainer.train_step
+
+    def step_that_diverges_at_5(state, batch):
+        state, metrics = honest_step(state, batch)
+        if int(state.step) == 5:
+            metrics = dict(metrics, loss=np.float32(np.nan))
+        return state, metrics
+
+    trainer.train_step = step_that_diverges_at_5
+    with pytest.raises(NonFiniteLossError, match="step 5.*last good checkpoint is step 4"):
+        trainer.run()
+    assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [2, 4]
