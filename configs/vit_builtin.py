@@ -9,24 +9,11 @@ Expected result (measured on this CPU, seed 0): see README.md, "Main job".
 
 import ml_collections
 
-from maskjax.train.config import base_config
-
-
-def _parse_arg(arg: str | None) -> dict:
-    """'runlocal,variant=S/4' -> {'runlocal': True, 'variant': 'S/4'}."""
-    out = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        out[key.strip()] = value.strip() if value else True
-    unknown = set(out) - {"runlocal", "variant", "steps"}
-    if unknown:
-        raise ValueError(f"configs/vit_builtin.py: unknown argument {sorted(unknown)[0]!r}; "
-                         "use runlocal, variant=<size/patch>, steps=<int>")
-    return out
+from maskjax.train.config import base_config, parse_config_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = _parse_arg(arg)
+    args = parse_config_arg(arg, ("runlocal", "variant", "steps"), "configs/vit_builtin.py")
     c = base_config()
     c.data.name = "builtin_shapes"
     c.data.image_size = 32

@@ -211,3 +211,15 @@ def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int)
     elif known != num_devices:
         _fail("mesh", dict(sizes), f"uses {known} devices but {num_devices} are available")
     return sizes
+
+
+def parse_config_arg(arg: Optional[str], allowed: Iterable[str], config_name: str) -> dict[str, Any]:
+    """'runlocal,variant=S/4' -> {'runlocal': True, 'variant': 'S/4'}; unknown names are an error."""
+    parsed: dict[str, Any] = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        parsed[key.strip()] = value.strip() if value else True
+    unknown = sorted(set(parsed) - set(allowed))
+    if unknown:
+        raise ValueError(f"{config_name}: unknown argument {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    return parsed
