@@ -1,0 +1,375 @@
+"""Transformer building blocks shared by every vision model in maskjax (Flax linen, pure functional).
+
+Every parameter is boxed with `nn.with_logical_partitioning` using the logical axis names of the contract
+('embed', 'mlp', 'heads', 'head_dim', 'classes', 'patch', 'posemb_tokens', 'norm'; None = never sharded), so the
+trainer can shard any of these modules by config rules. Activations are `[batch, tokens, features]`.
+"""
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskjax.attention import attention
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# big_vision's choices: xavier-uniform matrices, tiny-normal MLP biases, zero attention biases.
+DEFAULT_KERNEL_INIT = nn.initializers.xavier_uniform()
+MLP_BIAS_INIT = nn.initializers.normal(stddev=1e-6)
+ZEROS = nn.initializers.zeros
+ONES = nn.initializers.ones
+
+TOKEN_AXES = ("batch", "tokens", "embed")
+
+
+def constrain_tokens(x: jax.Array) -> jax.Array:
+    """Logical sharding constraint for token activations [batch, tokens, embed] (a no-op without rules/mesh)."""
+    return nn.with_logical_constraint(x, TOKEN_AXES)
+
+
+def layer_norm(eps: float, dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
+    """LayerNorm whose scale and bias carry the logical name 'norm'."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        scale_init=nn.with_logical_partitioning(ONES, ("norm",)),
+        bias_init=nn.with_logical_partitioning(ZEROS, ("norm",)),
+        name=name,
+    )
+
+
+def pair(value: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
+    """An int or a pair of ints as a (height, width) pair of positive ints; ValueError naming `name` otherwise."""
+    if isinstance(value, (int, np.integer)):
+        result = (int(value), int(value))
+    else:
+        result = tuple(int(v) for v in value)
+    if len(result) != 2 or min(result) < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive int or a pair of positive ints")
+    return result
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU -> dropout -> Dense. [batch, tokens, embed] -> [batch, tokens, out_dim or embed].
+
+    `approximate_gelu=False` (default) is the exact erf GELU of timm / Hugging Face ViTs.
+    """
+
+    mlp_dim: int
+    out_dim: Optional[int] = None
+    dropout: float = 0.0
+    approximate_gelu: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        out_dim = x.shape[-1] if self.out_dim is None else self.out_dim
+        x = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(MLP_BIAS_INIT, ("mlp",)),
+            name="fc1",
+        )(x)
+        x = nn.gelu(x, approximate=self.approximate_gelu)
+        x = nn.with_logical_constraint(x, ("batch", "tokens", "mlp"))
+        x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
+        return nn.Dense(
+            out_dim,
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("mlp", "embed")),
+            bias_init=nn.with_logical_partitioning(MLP_BIAS_INIT, ("embed",)),
+            name="fc2",
+        )(x)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (self- or cross-) attention through `maskjax.attention.attention`.
+
+    Separate query/key/value projections with kernels [in_features, heads, head_dim] (logical
+    ('embed', 'heads', 'head_dim')); output projection [heads, head_dim, out_features] (('heads', 'head_dim',
+    'embed')). Optional qk-norm: a LayerNorm over head_dim applied to queries and keys (shared across heads).
+
+    Call with `inputs_q` [batch, q_len, d_q] and optionally `inputs_kv` [batch, kv_len, d_kv] (default: self-
+    attention); `mask` (True = may attend) and `bias` broadcast to [batch, heads, q_len, kv_len] and are passed
+    unchanged to `attention()`. Returns [batch, q_len, out_features or d_q].
+    """
+
+    num_heads: int
+    qkv_features: Optional[int] = None  # Total width of q/k/v (heads * head_dim); default d_q.
+    out_features: Optional[int] = None
+    qk_norm: bool = False
+    use_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array] = None, *,
+                 mask: Any = None, bias: Optional[jax.Array] = None) -> jax.Array:
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        chex.assert_rank([inputs_q, inputs_kv], 3)
+        qkv_features = inputs_q.shape[-1] if self.qkv_features is None else self.qkv_features
+        if qkv_features % self.num_heads:
+            raise ValueError(f"MultiHeadAttention: qkv_features={qkv_features} is not divisible by "
+                             f"num_heads={self.num_heads}")
+        head_dim = qkv_features // self.num_heads
+        out_features = inputs_q.shape[-1] if self.out_features is None else self.out_features
+
+        def projection(name: str) -> nn.DenseGeneral:
+            return nn.DenseGeneral(
+                features=(self.num_heads, head_dim),
+                axis=-1,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("embed", "heads", "head_dim")),
+                bias_init=nn.with_logical_partitioning(ZEROS, ("heads", "head_dim")),
+                name=name,
+            )
+
+        q = projection("query")(inputs_q)  # [batch, q_len, heads, head_dim]
+        k = projection("key")(inputs_kv)
+        v = projection("value")(inputs_kv)
+        if self.qk_norm:
+            q = layer_norm(self.layer_norm_eps, self.dtype, name="query_norm")(q)
+            k = layer_norm(self.layer_norm_eps, self.dtype, name="key_norm")(k)
+        out = attention(q, k, v, mask=mask, bias=bias)
+        out = nn.with_logical_constraint(out, ("batch", "tokens", "heads", None))
+        return nn.DenseGeneral(
+            features=out_features,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("heads", "head_dim", "embed")),
+            bias_init=nn.with_logical_partitioning(ZEROS, ("embed",)),
+            name="out",
+        )(out)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zeroes the whole residual branch of an example with probability `rate`.
+
+    Kept examples are scaled by 1 / (1 - rate) so the expectation is unchanged. Uses the 'drop_path' rng stream;
+    the identity when not training or `rate == 0`. x: [batch, ...] -> same shape.
+    """
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"DropPath: rate={self.rate} must be in [0, 1)")
+        if not train or self.rate == 0.0:
+            return x
+        keep_prob = 1.0 - self.rate
+        keep = jax.random.bernoulli(self.make_rng("drop_path"), keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale (CaiT), initialised to `init_value`. [..., embed] -> same shape."""
+
+    init_value: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.constant(self.init_value),
+                                                                 ("embed",)), (x.shape[-1],), jnp.float32)
+        return x * scale.astype(self.dtype)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LN transformer block: x + DropPath(LS(Attn(LN(x)))), then x + DropPath(LS(MLP(LN(x)))).
+
+    `__call__(x [batch, tokens, embed], mask, train)` takes positional arguments so `nn.remat` can mark `train`
+    static. Returns the same shape.
+    """
+
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    layer_scale_init: Optional[float] = None
+    qk_norm: bool = False
+    approximate_gelu: bool = False
+    layer_norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Any = None, train: bool = False) -> jax.Array:
+        chex.assert_rank(x, 3)
+        x = constrain_tokens(x)
+        y = layer_norm(self.layer_norm_eps, self.dtype, name="norm1")(x)
+        y = MultiHeadAttention(num_heads=self.num_heads, qk_norm=self.qk_norm, layer_norm_eps=self.layer_norm_eps,
+                               dtype=self.dtype, name="attn")(y, mask=mask)
+        y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+        if self.layer_scale_init is not None:
+            y = LayerScale(self.layer_scale_init, dtype=self.dtype, name="ls1")(y)
+        x = x + DropPath(self.drop_path_rate, name="drop_path1")(y, train=train)
+        x = constrain_tokens(x)
+
+        y = layer_norm(self.layer_norm_eps, self.dtype, name="norm2")(x)
+        y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, approximate_gelu=self.approximate_gelu,
+                     dtype=self.dtype, name="mlp")(y, train=train)
+        y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+        if self.layer_scale_init is not None:
+            y = LayerScale(self.layer_scale_init, dtype=self.dtype, name="ls2")(y)
+        x = x + DropPath(self.drop_path_rate, name="drop_path2")(y, train=train)
+        return constrain_tokens(x)
+
+
+def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+    """Per-block stochastic-depth rates rising linearly from 0 (first block) to `drop_path_rate` (last block)."""
+    return [float(r) for r in np.linspace(0.0, drop_path_rate, depth)] if depth > 1 else [0.0] * depth
+
+
+class Encoder(nn.Module):
+    """A stack of `depth` pre-LN blocks followed by a final LayerNorm.
+
+    `__call__(x [batch, tokens, embed], *, mask=None, train=False) -> (encoded [batch, tokens, embed], aux)`,
+    aux['block_{i}'] = output of block i (before the final norm). `mask` is given to every block.
+    """
+
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    layer_scale_init: Optional[float] = None
+    qk_norm: bool = False
+    approximate_gelu: bool = False
+    layer_norm_eps: float = 1e-6
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: Any = None, train: bool = False) -> tuple[jax.Array, dict]:
+        block_cls = nn.remat(Encoder1DBlock, static_argnums=(3,)) if self.remat else Encoder1DBlock
+        aux = {}
+        for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
+            x = block_cls(
+                mlp_dim=self.mlp_dim,
+                num_heads=self.num_heads,
+                dropout=self.dropout,
+                drop_path_rate=rate,
+                layer_scale_init=self.layer_scale_init,
+                qk_norm=self.qk_norm,
+                approximate_gelu=self.approximate_gelu,
+                layer_norm_eps=self.layer_norm_eps,
+                dtype=self.dtype,
+                name=f"block_{i}",
+            )(x, mask, train)
+            aux[f"block_{i}"] = x
+        encoded = layer_norm(self.layer_norm_eps, self.dtype, name="encoder_norm")(x)
+        return constrain_tokens(encoded), aux
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> linear embedding (a conv with kernel = stride = patch).
+
+    images [batch, H, W, C] -> tokens [batch, (H/ph) * (W/pw), width], row-major over the patch grid.
+    H and W must be multiples of the patch size.
+    """
+
+    width: int
+    patch_size: Union[int, Sequence[int]]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        ph, pw = pair(self.patch_size, "patch_size")
+        if images.ndim != 4:
+            raise ValueError(f"images: expected [batch, H, W, C], got shape {images.shape}")
+        height, width = images.shape[1:3]
+        if height % ph or width % pw:
+            raise ValueError(f"image size {(height, width)} is not divisible by patch_size {(ph, pw)}")
+        x = nn.Conv(
+            self.width,
+            kernel_size=(ph, pw),
+            strides=(ph, pw),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+            bias_init=nn.with_logical_partitioning(ZEROS, ("embed",)),
+            name="conv",
+        )(images.astype(self.dtype))
+        batch, gh, gw, channels = x.shape
+        return x.reshape(batch, gh * gw, channels)
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0,
+                     dtype: Dtype = jnp.float32) -> jax.Array:
+    """Fixed 2-D sin-cos position embedding of MAE (He et al. 2022), for an h x w grid in row-major order.
+
+    Channels are [sin(col * omega), cos(col * omega), sin(row * omega), cos(row * omega)], each width/4 wide,
+    with omega_i = temperature ** (-i / (width / 4)) — the layout of MAE's `get_2d_sincos_pos_embed` (without its
+    cls slot), so converted MAE checkpoints line up. Returns [1, h * w, width].
+    """
+    if width % 4:
+        raise ValueError(f"posemb_sincos_2d: width={width} must be divisible by 4")
+    quarter = width // 4
+    omega = 1.0 / temperature ** (np.arange(quarter, dtype=np.float64) / quarter)
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    col_angles = cols.reshape(-1, 1) * omega[None]
+    row_angles = rows.reshape(-1, 1) * omega[None]
+    emb = np.concatenate([np.sin(col_angles), np.cos(col_angles), np.sin(row_angles), np.cos(row_angles)], axis=1)
+    return jnp.asarray(emb[None], dtype=dtype)
+
+
+def resize_posemb(posemb: jax.Array, old_grid: Sequence[int], new_grid: Sequence[int],
+                  num_prefix_tokens: int = 0, method: str = "bilinear") -> jax.Array:
+    """Resizes a learned position embedding [1, num_prefix + oh * ow, D] to [1, num_prefix + nh * nw, D].
+
+    The first `num_prefix_tokens` embeddings (cls/registers, when a checkpoint has them) are kept as they are; the
+    patch embeddings are viewed as an [oh, ow, D] grid and resized with `jax.image.resize` (`method`: 'bilinear'
+    or 'bicubic'). Identity when the grids are equal.
+    """
+    old_grid, new_grid = pair(old_grid, "old_grid"), pair(new_grid, "new_grid")
+    if posemb.ndim != 3 or posemb.shape[0] != 1:
+        raise ValueError(f"resize_posemb: posemb must be [1, tokens, D], got shape {posemb.shape}")
+    expected = num_prefix_tokens + old_grid[0] * old_grid[1]
+    if posemb.shape[1] != expected:
+        raise ValueError(f"resize_posemb: posemb has {posemb.shape[1]} tokens but old_grid={old_grid} with "
+                         f"num_prefix_tokens={num_prefix_tokens} needs {expected}")
+    if method not in ("bilinear", "bicubic"):
+        raise ValueError(f"resize_posemb: method={method!r} must be 'bilinear' or 'bicubic'")
+    if old_grid == new_grid:
+        return posemb
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
+    grid = grid.reshape(old_grid[0], old_grid[1], -1)
+    grid = jax.image.resize(grid, (new_grid[0], new_grid[1], grid.shape[-1]), method=method)
+    return jnp.concatenate([prefix, grid.reshape(1, new_grid[0] * new_grid[1], -1).astype(posemb.dtype)], axis=1)
+
+
+class LearnedPosEmb(nn.Module):
+    """A learned position embedding for the patch tokens, stored at grid `grid` and resized to the input grid.
+
+    `__call__(grid_hw) -> [1, gh * gw, width]`. The stored parameter 'embedding' is [1, sh * sw, width] for the
+    stored grid (sh, sw) = `grid` or, when `grid` is None, the grid seen at initialisation.
+    """
+
+    width: int
+    grid: Optional[Sequence[int]] = None
+    resize_method: str = "bilinear"
+    init_stddev: Optional[float] = None  # Default 1/sqrt(width), as in big_vision.
+
+    @nn.compact
+    def __call__(self, grid_hw: Sequence[int]) -> jax.Array:
+        grid_hw = pair(grid_hw, "grid_hw")
+        stored = grid_hw if self.grid is None else pair(self.grid, "posemb_grid")
+        if self.has_variable("params", "embedding"):
+            tokens = nn.meta.unbox(self.get_variable("params", "embedding")).shape[1]
+            if tokens != stored[0] * stored[1]:
+                raise ValueError(f"learned posemb has {tokens} tokens but the input patch grid is {grid_hw}; set "
+                                 "posemb_grid to the grid it was trained at so it can be resized")
+        stddev = self.width ** -0.5 if self.init_stddev is None else self.init_stddev
+        embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=stddev), (None, "posemb_tokens", "embed")),
+            (1, stored[0] * stored[1], self.width), jnp.float32)
+        return resize_posemb(embedding, stored, grid_hw, 0, self.resize_method)
