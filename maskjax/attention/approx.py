@@ -1,0 +1,391 @@
+"""Approximate-gradient attention: exp(q·k) replaced by a polynomial low-rank kernel phi(q)·phi(k).
+
+Liang, Sha, Shi, Song, Zhou (2024), "Multi-Layer Transformers Gradient Can be Approximated in Almost Linear
+Time", using the polynomial method of Alman & Song: when every logit t = scale·q·k satisfies |t| <= B, the
+attention matrix exp(Q Kᵀ) is close to U1 U2ᵀ with U = phi(·) of rank r = C(d+g, g) (`approx_features`), and
+every product with it costs O(n r d) instead of O(n² d).
+
+Modes (`approx_mode`):
+  lowrank    forward and backward through the low-rank kernel; the gradient is the exact gradient of the
+             approximate model (autodiff), O(n r d). Related public work: linear/Taylor attention (Based,
+             PolySketchFormer, Performer) — Based uses this same 2nd-order Taylor kernel.
+  exact_fwd  exact softmax forward (maskjax.attention.reference); the backward is the `lowrank` gradient
+             (jax.custom_vjp): an approximate gradient of the exact model — the paper's setting. The forward
+             is O(n² d) (it is exact); the backward O(n r d).
+  paper      forward as `lowrank`; backward with the paper's formula: dS = P̃ ∘ (dO Vᵀ − δ 1ᵀ), contracted with
+             the row-wise Kronecker factors [phi(k) ⊗ (v, 1)] of rank r(d+1), O(n r d²). Because it uses the
+             kernel value (∂exp(t)/∂t = exp(t)) instead of the derivative of the polynomial (e_g' = e_{g-1}),
+             its dQ/dK carry the degree-g error rather than degree g−1: one degree more accurate.
+
+Masking (all modes):
+  causal=True, window=None   exact inside the diagonal blocks of size `block_size`, low-rank to every earlier
+                             block through prefix sums of the r×d block states, O(n r d + n c d). The result
+                             depends on `block_size` (that sets the exact region).
+  window=w                   hybrid: exact for keys with 0 <= i−j < w (causal) or |i−j| < w (bidirectional),
+                             low-rank beyond; independent of `block_size`.
+  mask                       only a key-padding mask (shape broadcastable to [batch, 1, 1, k_len]).
+
+Degrees: even only (the Taylor kernel is then positive for every logit, see `approx_features`).
+Logits are not clipped: outside |t| <= B the result stays finite but the approximation degrades (polynomial
+instead of exponential growth). Pair with `approx_bounded.BoundedLogitScale` to make the bound hold.
+"""
+
+import functools
+import math
+from typing import NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskjax.attention.approx_features import feature_rank, taylor_exp, taylor_features
+from maskjax.attention.reference import reference_attention
+
+APPROX_MODES = ("lowrank", "exact_fwd", "paper")
+
+
+class _Config(NamedTuple):
+    degree: int
+    causal: bool
+    window: Optional[int]
+    block: int  # block length c (for the unblocked global path: the key length)
+    blocked: bool  # False: bidirectional without window, one global state
+
+
+# ----------------------------------------------------------------------------------------------- layout helpers
+
+
+def _to_blocks(x: jax.Array, nb: int, c: int) -> jax.Array:
+    """[G, n, ...] -> [G, nb, c, ...], zero-padding n up to nb*c."""
+    pad = nb * c - x.shape[1]
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape((x.shape[0], nb, c) + x.shape[2:])
+
+
+def _shift(x: jax.Array, s: int, axis: int = 1) -> jax.Array:
+    """result[b] = x[b - s] along `axis` (zero where b - s is out of range)."""
+    n = x.shape[axis]
+    if s == 0:
+        return x
+    if abs(s) >= n:
+        return jnp.zeros_like(x)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (s, 0) if s > 0 else (0, -s)
+    x = jnp.pad(x, pad)
+    start = 0 if s > 0 else -s
+    return jax.lax.slice_in_dim(x, start, start + n, axis=axis)
+
+
+def _far_of_query_block(x: jax.Array, cfg: _Config, m: int) -> jax.Array:
+    """Sum of per-key-block states x[G, nb, ...] over the key blocks a query block reaches low-rank only."""
+    if not cfg.blocked:
+        return x  # one block holding all keys
+    cum = jnp.cumsum(x, axis=1)
+    out = _shift(cum, m + 1)  # key blocks <= b - m - 1
+    if not cfg.causal:
+        rev = jnp.flip(jnp.cumsum(jnp.flip(x, axis=1), axis=1), axis=1)
+        out = out + _shift(rev, -(m + 1))  # key blocks >= b + m + 1
+    return out
+
+
+def _far_of_key_block(x: jax.Array, cfg: _Config, m: int) -> jax.Array:
+    """Sum of per-query-block states over the query blocks that reach a key block low-rank only."""
+    if not cfg.blocked:
+        return x
+    rev = jnp.flip(jnp.cumsum(jnp.flip(x, axis=1), axis=1), axis=1)
+    out = _shift(rev, -(m + 1))  # query blocks >= b + m + 1
+    if not cfg.causal:
+        out = out + _shift(jnp.cumsum(x, axis=1), m + 1)
+    return out
+
+
+def _band_offsets(cfg: _Config, nb: int) -> tuple:
+    if not cfg.blocked:
+        return ()
+    m = 0 if cfg.window is None else min(math.ceil((cfg.window - 1) / cfg.block), nb - 1)
+    return tuple(range(0, m + 1)) if cfg.causal else tuple(range(-m, m + 1))
+
+
+# ----------------------------------------------------------------------------------------------- forward engine
+
+
+class _Forward(NamedTuple):
+    out: jax.Array  # [G, nb, c, d]
+    den: jax.Array  # [G, nb, c]
+    fq_scaled: jax.Array  # [G, nb, c, r] = exp(-m_i) phi(q_i)
+    fk: jax.Array  # [G, nbk, ck, r] phi(k_j), zero for invalid keys
+    q_blocks: jax.Array  # [G, nb, c, d]
+    k_blocks: jax.Array  # [G, nbk, ck, d]
+    v_blocks: jax.Array  # [G, nbk, ck, dv]
+    band_kernel: Optional[jax.Array]  # [G, nb, c, len(offsets)*c] kernel values (incl. exp(-m_i)), 0 if not allowed
+    band_k: Optional[jax.Array]  # [G, nb, len(offsets)*c, d]
+    band_v: Optional[jax.Array]
+
+
+def _forward(qs: jax.Array, ks: jax.Array, v: jax.Array, valid: jax.Array, cfg: _Config) -> _Forward:
+    """Low-rank (or hybrid) attention on [G, n, d] logits-scaled inputs; differentiable by autodiff."""
+    nq = qs.shape[1]
+    if cfg.blocked:
+        c = cfg.block
+        nb = -(-nq // c)
+        nbk, ck = nb, c
+    else:
+        c, nb = nq, 1
+        nbk, ck = 1, ks.shape[1]
+    q_blocks = _to_blocks(qs, nb, c)
+    k_blocks = _to_blocks(ks, nbk, ck)
+    v_blocks = _to_blocks(v, nbk, ck)
+    valid_blocks = _to_blocks(valid, nbk, ck)  # padded keys are invalid
+
+    fq = taylor_features(q_blocks, cfg.degree)
+    fk = taylor_features(k_blocks, cfg.degree) * valid_blocks[..., None]
+
+    offsets = _band_offsets(cfg, nb)
+    m = max(offsets, default=0)
+    band_kernel = band_k = band_v = None
+    num = jnp.zeros(q_blocks.shape[:-1] + v.shape[-1:], jnp.float32)
+    den = jnp.zeros(q_blocks.shape[:-1], jnp.float32)
+    row_shift = jnp.zeros(q_blocks.shape[:-1], jnp.float32)
+    if offsets:
+        band_k = jnp.concatenate([_shift(k_blocks, o) for o in offsets], axis=2)
+        band_v = jnp.concatenate([_shift(v_blocks, o) for o in offsets], axis=2)
+        band_valid = jnp.concatenate([_shift(valid_blocks, o) for o in offsets], axis=2) > 0
+        block_ids = jnp.arange(nb)[:, None, None]
+        qpos = block_ids * c + jnp.arange(c)[None, :, None]
+        kpos = jnp.concatenate([(block_ids - o) * c + jnp.arange(c)[None, None, :] for o in offsets], axis=2)
+        allowed = band_valid[:, :, None, :]
+        if cfg.causal:
+            allowed = allowed & (kpos <= qpos)
+        if cfg.window is None:  # exact inside the diagonal block only
+            exact = allowed & (kpos // c == qpos // c)
+        else:
+            exact = allowed & (jnp.abs(qpos - kpos) < cfg.window)
+        approx = allowed & ~exact
+        logits = jnp.einsum("gbqd,gbkd->gbqk", q_blocks, band_k)
+        # The exp part is stabilised by the row's largest exact logit (clamped at 0 so the low-rank part is
+        # never scaled up); the shift cancels in num/den, hence no gradient through it.
+        row_shift = jax.lax.stop_gradient(
+            jnp.maximum(jnp.max(jnp.where(exact, logits, -jnp.inf), axis=-1), 0.0))
+        exact_part = jnp.exp(jnp.where(exact, logits - row_shift[..., None], -jnp.inf))
+        approx_part = jnp.where(approx, taylor_exp(jnp.where(approx, logits, 0.0), cfg.degree), 0.0)
+        band_kernel = exact_part + approx_part * jnp.exp(-row_shift)[..., None]
+        num = num + jnp.einsum("gbqk,gbkd->gbqd", band_kernel, band_v)
+        den = den + jnp.sum(band_kernel, axis=-1)
+
+    fq_scaled = fq * jnp.exp(-row_shift)[..., None]
+    state_v = _far_of_query_block(jnp.einsum("gbkr,gbkd->gbrd", fk, v_blocks), cfg, m)
+    state_1 = _far_of_query_block(jnp.sum(fk, axis=2), cfg, m)
+    # Unblocked (global) path: a single query block and a single key block, so the state is shared by all.
+    num = num + jnp.einsum("gbqr,gbrd->gbqd", fq_scaled, state_v)
+    den = den + jnp.einsum("gbqr,gbr->gbq", fq_scaled, state_1)
+    # Even degrees make every kernel value positive, so den > 0 unless the row has no allowed key.
+    out = num / jnp.where(den > 0, den, 1.0)[..., None]
+    return _Forward(out, den, fq_scaled, fk, q_blocks, k_blocks, v_blocks, band_kernel, band_k, band_v)
+
+
+def _unblock(x: jax.Array, n: int) -> jax.Array:
+    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :n]
+
+
+def _lowrank(qs, ks, v, valid, cfg: _Config) -> jax.Array:
+    return _unblock(_forward(qs, ks, v, valid, cfg).out, qs.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------- exact_fwd
+
+
+def _exact(qs, ks, v, valid, cfg: _Config) -> jax.Array:
+    mask = (valid > 0)[:, None, None, :]  # [G, 1(q), 1(head), k]
+    if cfg.causal:
+        mask = mask & jnp.tril(jnp.ones((qs.shape[1], ks.shape[1]), bool))[None, None]
+    out = reference_attention(qs[:, :, None], ks[:, :, None], v[:, :, None], mask=mask, scale=1.0)
+    return out[:, :, 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _exact_fwd_core(qs, ks, v, valid, cfg: _Config):
+    return _exact(qs, ks, v, valid, cfg)
+
+
+def _exact_fwd_fwd(qs, ks, v, valid, cfg):
+    return _exact(qs, ks, v, valid, cfg), (qs, ks, v, valid)
+
+
+def _exact_fwd_bwd(cfg, residuals, cot):
+    qs, ks, v, valid = residuals
+    _, pullback = jax.vjp(lambda a, b, c: _lowrank(a, b, c, valid, cfg), qs, ks, v)
+    return pullback(cot) + (jnp.zeros_like(valid),)
+
+
+_exact_fwd_core.defvjp(_exact_fwd_fwd, _exact_fwd_bwd)
+
+
+# ----------------------------------------------------------------------------------------------- paper
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _paper_core(qs, ks, v, valid, cfg: _Config):
+    return _lowrank(qs, ks, v, valid, cfg)
+
+
+def _paper_fwd(qs, ks, v, valid, cfg):
+    return _lowrank(qs, ks, v, valid, cfg), (qs, ks, v, valid)
+
+
+def _paper_bwd(cfg, residuals, cot):
+    """dL_ij = P̃_ij (dO_i·v_j − δ_i) for every allowed pair, contracted without forming the n×n matrix.
+
+    Far (low-rank) pairs: P̃_ij = φ̃(q_i)·φ(k_j)/den_i, so with a'_i = (dO_i, −δ_i)/den_i and w_j = (v_j, 1),
+      dq_i = Σ_j (φ̃(q_i)·φ(k_j))(a'_i·w_j) k_j = Σ_{a,c} φ̃(q_i)_a a'_ic T[a, c, :],  T = Σ_j φ(k_j)_a w_jc k_j,
+    a contraction with the rank r(d+1) row-wise Kronecker factors φ ⊗ w, O(n r d²); likewise for dk.
+    Band pairs (exact or polynomial kernel inside the window) are done densely per block.
+    """
+    qs, ks, v, valid = residuals
+    fw = _forward(qs, ks, v, valid, cfg)
+    nq, nk = qs.shape[1], ks.shape[1]
+    offsets = _band_offsets(cfg, fw.q_blocks.shape[1])
+    m = max(offsets, default=0)
+    d_out = _to_blocks(cot.astype(jnp.float32), fw.q_blocks.shape[1], fw.q_blocks.shape[2])
+    safe_den = jnp.where(fw.den > 0, fw.den, 1.0)
+    delta = jnp.sum(d_out * fw.out, axis=-1)
+    a_v = d_out / safe_den[..., None]  # [G, nb, c, dv]
+    a_1 = -delta / safe_den  # [G, nb, c]
+    a_full = jnp.concatenate([a_v, a_1[..., None]], axis=-1)  # a'
+    w_full = jnp.concatenate([fw.v_blocks, jnp.ones_like(fw.v_blocks[..., :1])], axis=-1)  # w
+
+    # Far part, queries: T over keys, gathered per query block.
+    t_keys = jnp.einsum("gbkr,gbkc,gbkd->gbrcd", fw.fk, w_full, fw.k_blocks)
+    t_keys = _far_of_query_block(t_keys, cfg, m)
+    r, cdim, d = t_keys.shape[-3:]
+    t_keys = t_keys.reshape(t_keys.shape[:-3] + (r, cdim * d))
+    proj = jnp.einsum("gbqr,gbrx->gbqx", fw.fq_scaled, t_keys)
+    dq = jnp.einsum("gbqc,gbqcd->gbqd", a_full, proj.reshape(proj.shape[:-1] + (cdim, d)))
+
+    # Far part, keys and values: states over queries, gathered per key block.
+    t_queries = _far_of_key_block(jnp.einsum("gbqr,gbqc,gbqd->gbrcd", fw.fq_scaled, a_full, fw.q_blocks), cfg, m)
+    u_queries = _far_of_key_block(jnp.einsum("gbqr,gbqd->gbrd", fw.fq_scaled, a_v), cfg, m)
+    proj_k = jnp.einsum("gbkr,gbrx->gbkx", fw.fk, t_queries.reshape(t_queries.shape[:-3] + (r, cdim * d)))
+    dk = jnp.einsum("gbkc,gbkcd->gbkd", w_full, proj_k.reshape(proj_k.shape[:-1] + (cdim, d)))
+    dv = jnp.einsum("gbkr,gbrd->gbkd", fw.fk, u_queries)
+
+    if offsets:
+        weights = fw.band_kernel / safe_den[..., None]  # P̃ on the band
+        d_logits = weights * (jnp.einsum("gbqd,gbkd->gbqk", d_out, fw.band_v) - delta[..., None])
+        dq = dq + jnp.einsum("gbqk,gbkd->gbqd", d_logits, fw.band_k)
+        dk_band = jnp.einsum("gbqk,gbqd->gbkd", d_logits, fw.q_blocks)
+        dv_band = jnp.einsum("gbqk,gbqd->gbkd", weights, d_out)
+        c = fw.q_blocks.shape[2]
+        for idx, o in enumerate(offsets):  # band slot o of query block b is key block b − o
+            dk = dk + _shift(dk_band[:, :, idx * c:(idx + 1) * c], -o)
+            dv = dv + _shift(dv_band[:, :, idx * c:(idx + 1) * c], -o)
+
+    return (_unblock(dq, nq), _unblock(dk, nk), _unblock(dv, nk), jnp.zeros_like(valid))
+
+
+_paper_core.defvjp(_paper_fwd, _paper_bwd)
+
+
+# ----------------------------------------------------------------------------------------------- public entry
+
+
+def _key_valid(mask: Optional[jax.Array], batch: int, k_len: int) -> jax.Array:
+    if mask is None:
+        return jnp.ones((batch, k_len), jnp.float32)
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"approx_attention: mask must be boolean, got dtype {mask.dtype}")
+    shape = (1,) * (4 - mask.ndim) + mask.shape if mask.ndim <= 4 else None
+    if shape is None or shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, batch) or shape[3] not in (1, k_len):
+        raise ValueError(
+            f"approx_attention: mask of shape {mask.shape} is not a key-padding mask broadcastable to "
+            f"[batch={batch}, 1, 1, k_len={k_len}]; use causal=True / window=w for structured masks")
+    return jnp.broadcast_to(mask.reshape(shape[0], shape[3]), (batch, k_len)).astype(jnp.float32)
+
+
+def approx_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Optional[jax.Array] = None,
+    bias: Optional[jax.Array] = None,
+    *,
+    scale: Optional[float] = None,
+    approx_mode: str = "lowrank",
+    degree: int = 2,
+    causal: bool = False,
+    window: Optional[int] = None,
+    block_size: int = 128,
+) -> jax.Array:
+    """Softmax attention with the polynomial low-rank kernel (see module docstring for the modes).
+
+    Args:
+      q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim], heads % kv_heads == 0.
+      mask: None or a boolean key-padding mask broadcastable to [batch, 1, 1, k_len] (True = may attend).
+      bias: must be None (an additive bias breaks the low-rank structure).
+      scale: logit scale, default 1/sqrt(head_dim). The premise of the method is |scale·q·k| <= B (small).
+      approx_mode: 'lowrank' | 'exact_fwd' | 'paper'.
+      degree: even Taylor degree g >= 2; feature rank C(head_dim + g, g).
+      causal: causal masking (q_len must equal k_len).
+      window: hybrid: exact attention for keys within `window` positions (j in (i−window, i] if causal, else
+        |i−j| < window), low-rank beyond. None: all low-rank (causal: exact inside diagonal blocks).
+      block_size: block length of the causal/hybrid prefix sums.
+
+    Returns:
+      [batch, q_len, heads, head_dim] in q's dtype; computed in float32. Rows without allowed keys give zeros.
+    """
+    chex.assert_rank([q, k, v], 4)
+    if approx_mode not in APPROX_MODES:
+        raise ValueError(f"approx_attention: approx_mode must be one of {APPROX_MODES}, got {approx_mode!r}")
+    if not isinstance(degree, (int, np.integer)) or isinstance(degree, bool) or degree < 2 or degree % 2:
+        raise ValueError(
+            f"approx_attention: degree must be an even int >= 2, got {degree!r} (odd Taylor degrees have a "
+            "real root, so attention weights go negative and row sums can reach zero)")
+    if bias is not None:
+        raise ValueError("approx_attention: bias is not supported by the low-rank kernel, got a bias array")
+    if window is not None and (not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"approx_attention: window must be None or an int >= 1, got {window!r}")
+    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"approx_attention: block_size must be an int >= 1, got {block_size!r}")
+    batch, q_len, heads, head_dim = q.shape
+    _, k_len, kv_heads, _ = k.shape
+    if k.shape != v.shape[:3] + (head_dim,) or k.shape[0] != batch or heads % kv_heads:
+        raise ValueError(
+            f"approx_attention: incompatible shapes q={q.shape}, k={k.shape}, v={v.shape}; expected "
+            "[batch, seq, heads, head_dim] with equal batch and head_dim and heads % kv_heads == 0")
+    if (causal or window is not None) and q_len != k_len:
+        raise ValueError(
+            f"approx_attention: causal/window need q_len == k_len, got q_len={q_len}, k_len={k_len}")
+    valid = _key_valid(mask, batch, k_len)
+
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    root = math.sqrt(scale) if scale >= 0 else None
+    if root is None:
+        raise ValueError(f"approx_attention: scale must be >= 0, got {scale}")
+    if kv_heads != heads:
+        k = jnp.repeat(k, heads // kv_heads, axis=2)
+        v = jnp.repeat(v, heads // kv_heads, axis=2)
+
+    def fold(x):  # [batch, seq, heads, dim] -> [batch*heads, seq, dim]
+        return jnp.swapaxes(x.astype(jnp.float32), 1, 2).reshape(batch * heads, x.shape[1], x.shape[3])
+
+    qs, ks, vf = fold(q) * root, fold(k) * root, fold(v)
+    valid_g = jnp.repeat(valid, heads, axis=0)
+    blocked = causal or window is not None
+    cfg = _Config(int(degree), bool(causal), None if window is None else int(window),
+                  int(min(block_size, q_len)) if blocked else k_len, blocked)
+    if approx_mode == "lowrank":
+        out = _lowrank(qs, ks, vf, valid_g, cfg)
+    elif approx_mode == "exact_fwd":
+        out = _exact_fwd_core(qs, ks, vf, valid_g, cfg)
+    else:
+        out = _paper_core(qs, ks, vf, valid_g, cfg)
+    out = jnp.swapaxes(out.reshape(batch, heads, q_len, v.shape[-1]), 1, 2)
+    return out.astype(q.dtype)
+
+
+def approx_rank(head_dim: int, degree: int, approx_mode: str = "lowrank") -> int:
+    """Rank of the factorisation a mode works with: r = C(d+g, g), or r(d+1) for the paper's gradient."""
+    r = feature_rank(head_dim, degree)
+    return r * (head_dim + 1) if approx_mode == "paper" else r
