@@ -38,11 +38,12 @@ def _sel(index, size):
 
 
 def _div(a, n):
-    return a if n == 1 else a // n
+    # lax.div (truncating) on non-negative ids: jnp's floor division lowers through `sign`, which needs a TPU.
+    return a if n == 1 else jax.lax.div(a, jnp.int32(n))
 
 
 def _mod(a, n):
-    return 0 * a if n == 1 else a % n
+    return 0 * a if n == 1 else jax.lax.rem(a, jnp.int32(n))
 
 
 def _compiler_params(st, semantics):
