@@ -1,5 +1,23 @@
-"""Attention with masks: one entry point, `attention(q, k, v, mask=..., bias=...)`."""
+"""Attention with masks: one entry point, `attention(q, k, v, mask=..., bias=..., score_mod=..., backend=...)`.
+
+The mask language lives in ``masks`` (re-exported here), score modifiers in ``score_mods``, block maps
+in ``block_map``; backends: ``reference`` (dense XLA), ``blocked`` (XLA, non-empty tiles only) and the
+Pallas flash kernels (``pallas_tpu`` / ``pallas_gpu``).
+"""
 
 from maskjax.attention.api import attention
+from maskjax.attention.block_map import BlockMap
+from maskjax.attention.blocked import blocked_attention
+from maskjax.attention.masks import (Mask, TokenGrid, as_mask, causal, dense, directional_2d, full,
+                                     function_mask, group_routing, lengths, local_1d, per_head, prefix_lm,
+                                     query_masks, segment_ids, window_2d)
+from maskjax.attention.reference import reference_attention
+from maskjax.attention.score_mods import (ScoreMod, alibi, alibi_slopes, bias, gaussian_2d,
+                                          relative_position_1d, score_function, soft_cap)
 
-__all__ = ["attention"]
+__all__ = [
+    "attention", "reference_attention", "blocked_attention", "BlockMap", "Mask", "TokenGrid", "as_mask",
+    "causal", "dense", "directional_2d", "full", "function_mask", "group_routing", "lengths", "local_1d",
+    "per_head", "prefix_lm", "query_masks", "segment_ids", "window_2d", "ScoreMod", "alibi",
+    "alibi_slopes", "bias", "gaussian_2d", "relative_position_1d", "score_function", "soft_cap",
+]

@@ -1,32 +1,74 @@
 """The single attention entry point used by every model."""
 
+from __future__ import annotations
+
+import importlib
 from typing import Optional
 
 import chex
 import jax
 
+from maskjax.attention.blocked import blocked_attention
+from maskjax.attention.masks import Mask, as_mask
 from maskjax.attention.reference import reference_attention
+from maskjax.attention.score_mods import ScoreMod, as_score_mod
+
+BACKENDS = ("auto", "reference", "blocked", "pallas")
+# Below this many score elements per (batch, head) the dense path is cheaper than any tiling.
+_SMALL = 256 * 256
+
+
+def _pallas_module(platform: str):
+    name = "maskjax.attention.pallas_gpu" if platform == "gpu" else "maskjax.attention.pallas_tpu"
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:  # the module is optional until the kernels are built
+        raise ValueError(f"attention: backend='pallas' is not available ({name}: {err})") from err
+
+
+def _pallas_supports(module, q, k, mask, mod) -> bool:
+    supports = getattr(module, "supports", None)
+    return bool(supports(q.shape, k.shape, q.dtype, mask, mod)) if supports is not None else True
 
 
 def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    mask: Optional[jax.Array] = None,
+    mask=None,
     bias: Optional[jax.Array] = None,
     *,
     scale: Optional[float] = None,
+    score_mod: Optional[ScoreMod] = None,
+    backend: str = "auto",
+    block_q: Optional[int] = None,
+    block_k: Optional[int] = None,
+    block_map=None,
+    interpret: Optional[bool] = None,
 ) -> jax.Array:
-    """Masked softmax attention.
+    """Masked softmax attention with a choice of backend.
 
     Args:
-      q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim].
-      mask: boolean (True = attend), broadcastable to [batch, heads, q_len, k_len].
-      bias: additive logits, broadcastable to [batch, heads, q_len, k_len].
+      q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim] (heads % kv_heads == 0).
+      mask: None, a ``Mask`` from ``maskjax.attention.masks`` (causal(), window_2d(...), ...), or a bool
+        array broadcastable to [batch, heads, q_len, k_len] (True = attend).
+      bias: additive logits broadcastable to [batch, heads, q_len, k_len] (differentiable).
       scale: logit scale, default 1/sqrt(head_dim).
+      score_mod: a ``ScoreMod`` (score_mods.py) applied after the bias, before the mask.
+      backend: 'reference' (dense XLA), 'blocked' (XLA, non-empty tiles only), 'pallas' (flash kernels:
+        TPU Mosaic / GPU Triton; interpret mode on CPU) or 'auto' (pallas on TPU/GPU when the kernel
+        supports the mask; on CPU dense for small problems or no mask, else blocked).
+      block_q, block_k: tile sizes for 'blocked' / 'pallas' (default 128, 128; GPU pallas 64, 64).
+      block_map: optional precomputed block map (blocked backend), e.g. static for a traced mask.
+      interpret: pallas interpret mode (default: True on CPU).
 
     Returns:
-      [batch, q_len, heads, head_dim].
+      [batch, q_len, heads, head_dim] in q's dtype. Fully masked query rows give zeros and zero
+      gradients in every backend.
+
+    Example::
+
+        out = attention(q, k, v, mask=causal() & local_1d(left=256), backend="blocked")
     """
     chex.assert_rank([q, k, v], 4)
     chex.assert_equal_shape([k, v])
@@ -34,4 +76,43 @@ def attention(
         raise ValueError(
             f"attention: incompatible shapes q={q.shape}, k={k.shape}; expected "
             "[batch, seq, heads, head_dim] with equal batch and head_dim and heads % kv_heads == 0")
-    return reference_attention(q, k, v, mask, bias, scale=scale)
+    if backend not in BACKENDS:
+        raise ValueError(f"attention: backend must be one of {BACKENDS}, got {backend!r}")
+    mask_obj = as_mask(mask)
+    if score_mod is not None and not isinstance(score_mod, ScoreMod):
+        raise ValueError(f"attention: score_mod must be a ScoreMod, got {type(score_mod).__name__}")
+    platform = jax.default_backend()
+    batch, q_len, heads, _ = q.shape
+    k_len = k.shape[1]
+
+    if backend == "auto":
+        backend = "reference"
+        if platform in ("tpu", "gpu"):
+            try:
+                module = _pallas_module(platform)
+                if _pallas_supports(module, q, k, mask_obj, as_score_mod(score_mod, bias)):
+                    backend = "pallas"
+                else:
+                    backend = "blocked"
+            except ValueError:
+                backend = "blocked"
+        elif mask_obj is not None and q_len * k_len > _SMALL:
+            backend = "blocked"
+
+    if backend == "reference":
+        return reference_attention(q, k, v, mask if not isinstance(mask, Mask) else mask_obj, bias,
+                                   scale=scale, score_mod=score_mod)
+    if backend == "blocked":
+        return blocked_attention(q, k, v, mask_obj, bias, scale=scale, score_mod=score_mod,
+                                 block_q=block_q or 128, block_k=block_k or 128, block_map=block_map)
+    # pallas
+    module = _pallas_module("gpu" if platform == "gpu" else "tpu")
+    mod = as_score_mod(score_mod, bias)
+    if not _pallas_supports(module, q, k, mask_obj, mod):
+        raise ValueError(f"attention: backend='pallas' does not support this mask / score_mod "
+                         f"({mask_obj!r}, {mod!r}); use backend='blocked'")
+    default_block = 64 if platform == "gpu" else 128
+    return module.flash_attention(
+        q, k, v, mask_obj, mod, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        block_q=block_q or default_block, block_k=block_k or default_block,
+        interpret=(platform == "cpu") if interpret is None else interpret)

@@ -239,9 +239,11 @@ class Mask(LayoutNode):
         raise TypeError(f"{type(self).__name__} does not define a mask function")
 
     # ----- dense and block views -----
-    def materialize(self, q_len: int, k_len: int, *, batch: int = 1, heads: int = 1) -> ArrayLike:
+    def materialize(self, q_len: int, k_len: int, *, batch: int = 1, heads: int = 1,
+                    as_jax: bool = False) -> ArrayLike:
         """Dense bool [Bm, Hm, q_len, k_len] (Bm = batch if the mask varies with batch else 1, same
-        for Hm). numpy for a static mask, jax array for a traced one. O(q_len * k_len) memory."""
+        for Hm). numpy for a static mask, jax array for a traced one or when ``as_jax`` (then computed
+        inside the current trace instead of baked in as a constant). O(q_len * k_len) memory."""
         self.check(batch, heads, q_len, k_len)
         dep_b, dep_h = self.depends_on()
         n_b, n_h = (batch if dep_b else 1), (heads if dep_h else 1)
@@ -256,7 +258,7 @@ class Mask(LayoutNode):
             f = jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None))
             return f(jnp.arange(n_b, dtype=jnp.int32), jnp.arange(n_h, dtype=jnp.int32))
 
-        if self.is_static():
+        if self.is_static() and not as_jax:
             with jax.ensure_compile_time_eval():
                 return np.asarray(jax.jit(run)())
         return run()
