@@ -91,11 +91,12 @@ class TfdsSource:
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         indices = [int(i) for i in indices]
-        if hasattr(self._source, "__getitems__"):
-            examples = self._source.__getitems__(indices)
-        else:
-            examples = [self._source[i] for i in indices]
-        examples = [_standardize(e) for e in examples]
+        if not all(0 <= i < len(self) for i in indices):
+            raise IndexError(f"indices out of range [0, {len(self)}) of {self.name}")
+        # Batched reads of array_record files are several times faster than one record at a time.
+        reader = getattr(self._source, "__getitems__", None)
+        records = reader(indices) if reader is not None else [self._source[i] for i in indices]
+        examples = [_standardize(e) for e in records]
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
     def __repr__(self) -> str:
