@@ -4,11 +4,11 @@ Multi-host: pass --coordinator_address/--num_processes/--process_id (or set JAX_
 JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed=auto on clusters that JAX detects (TPU pods, SLURM).
 """
 
-import logging
 import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", lock_config=True)
@@ -55,7 +55,8 @@ def main(argv: list[str]) -> None:
     elif _DISTRIBUTED.value == "auto":
         jax.distributed.initialize()
     from maskjax.train.trainer import Trainer, summary_lines
-    logging.getLogger("absl").setLevel(logging.WARNING if jax.process_index() else logging.INFO)
+    # Library chatter (orbax logs every save at INFO) would drown the progress bar.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         trainer = Trainer(_CONFIG.value, _WORKDIR.value)
     except ValueError as e:

@@ -223,7 +223,8 @@ class Trainer:
         for local in pipeline.eval_batches(
                 self.eval_source, global_batch_size=self.config.eval_batch_size, image_size=self.config.data.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                num_examples=self.config.eval_examples):
+                num_examples=self.config.eval_examples if self.config.eval_examples > 0 else None,
+                num_threads=self.config.data.num_threads, prefetch=self.config.data.prefetch):
             batch_sums = self.eval_step(params, self.to_global(local))
             sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
         return self.task.summarize(jax.device_get(sums))
@@ -241,7 +242,7 @@ class Trainer:
         state = self.initial_state(checkpointer)
         start_step = int(jax.device_get(state.step))
         if self.is_main and start_step:
-            logging.info("Resuming from checkpoint at step %d in %s", start_step, checkpointer.directory)
+            print(f"Resuming from the checkpoint at step {start_step} in {checkpointer.directory}", flush=True)
 
         preempted = {"signal": False}
         previous_handler = signal.getsignal(signal.SIGTERM)
@@ -323,9 +324,9 @@ class Trainer:
         params = jax.device_get(jax.jit(lambda p: p, out_shardings=sharding_lib.replicated(self.mesh))(params))
         if not self.is_main:
             return
-        examples = [self.eval_source[i] for i in range(min(count, len(self.eval_source)))]
-        images = np.stack([pipeline.preprocess_eval(e, self.config.data.image_size)["image"] for e in examples])
-        labels = np.array([e["label"] for e in examples])
+        batch = pipeline.EvalLoader(self.eval_source, global_batch_size=count, image_size=self.config.data.image_size,
+                                    num_examples=min(count, len(self.eval_source))).batch_at(0)
+        images, labels = batch["image"][batch["valid"]], batch["label"][batch["valid"]]
         predictions = np.asarray(jax.jit(self.task.predict)(params, images))
         gallery = self.task.visualize(images, labels, predictions, getattr(self.eval_source, "class_names", None))
         writer.write_image(step, "predictions", gallery)
