@@ -5,7 +5,7 @@ Every parameter is boxed with `nn.with_logical_partitioning` using the logical a
 trainer can shard any of these modules by config rules. Activations are `[batch, tokens, features]`.
 """
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import chex
 import flax.linen as nn
@@ -16,7 +16,6 @@ import numpy as np
 from maskjax.attention import attention
 
 Dtype = Any
-Initializer = Callable[..., jax.Array]
 
 # big_vision's choices: xavier-uniform matrices, tiny-normal MLP biases, zero attention biases.
 DEFAULT_KERNEL_INIT = nn.initializers.xavier_uniform()
@@ -88,6 +87,50 @@ class MlpBlock(nn.Module):
         )(x)
 
 
+# Full-rank kernels built directly (not nn.DenseGeneral: it initialises a flattened 2-D kernel, which clashes with
+# 3-D logical names as soon as a mesh and axis rules are active).
+class HeadsProjection(nn.Module):
+    """[..., in_features] -> [..., heads, head_dim]; kernel [in, heads, head_dim] ('embed', 'heads', 'head_dim')."""
+
+    num_heads: int
+    head_dim: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)),
+                                                   ("embed", "heads", "head_dim")),
+            (x.shape[-1], self.num_heads, self.head_dim), jnp.float32)
+        y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(ZEROS, ("heads", "head_dim")),
+                              (self.num_heads, self.head_dim), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class HeadsOutProjection(nn.Module):
+    """[..., heads, head_dim] -> [..., features]; kernel [heads, head_dim, features] ('heads', 'head_dim', 'embed')."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
+                                                   ("heads", "head_dim", "embed")),
+            (x.shape[-2], x.shape[-1], self.features), jnp.float32)
+        y = jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(ZEROS, ("embed",)), (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head (self- or cross-) attention through `maskjax.attention.attention`.
 
@@ -120,16 +163,8 @@ class MultiHeadAttention(nn.Module):
         head_dim = qkv_features // self.num_heads
         out_features = inputs_q.shape[-1] if self.out_features is None else self.out_features
 
-        def projection(name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                features=(self.num_heads, head_dim),
-                axis=-1,
-                use_bias=self.use_bias,
-                dtype=self.dtype,
-                kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("embed", "heads", "head_dim")),
-                bias_init=nn.with_logical_partitioning(ZEROS, ("heads", "head_dim")),
-                name=name,
-            )
+        def projection(name: str) -> HeadsProjection:
+            return HeadsProjection(self.num_heads, head_dim, use_bias=self.use_bias, dtype=self.dtype, name=name)
 
         q = projection("query")(inputs_q)  # [batch, q_len, heads, head_dim]
         k = projection("key")(inputs_kv)
@@ -139,15 +174,7 @@ class MultiHeadAttention(nn.Module):
             k = layer_norm(self.layer_norm_eps, self.dtype, name="key_norm")(k)
         out = attention(q, k, v, mask=mask, bias=bias)
         out = nn.with_logical_constraint(out, ("batch", "tokens", "heads", None))
-        return nn.DenseGeneral(
-            features=out_features,
-            axis=(-2, -1),
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("heads", "head_dim", "embed")),
-            bias_init=nn.with_logical_partitioning(ZEROS, ("embed",)),
-            name="out",
-        )(out)
+        return HeadsOutProjection(out_features, use_bias=self.use_bias, dtype=self.dtype, name="out")(out)
 
 
 class DropPath(nn.Module):
