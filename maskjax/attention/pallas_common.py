@@ -375,17 +375,25 @@ def run(impl, q, k, v, mask, score_mod, *, scale, block_q, block_k, interpret, o
 
 def block_counts(impl, q, k, v, mask, score_mod=None, *, scale=None, block_q, block_k, interpret=True,
                  options=()) -> dict:
-    """Blocks the kernels actually computed: {'fwd', 'dq', 'dkv'} (ints, summed over batch and heads).
+    """Blocks the kernels actually computed, summed over batch and heads:
+    {'fwd', 'dq', 'dkv'}: blocks whose math ran; {'fwd_masked', 'dq_masked', 'dkv_masked'}: those of them that
+    evaluated the mask function (PARTIAL blocks).
 
-    Each kernel increments a counter inside the branch that does a block's math, so empty blocks and grid
-    steps past a row's block count are not counted. For tests (interpret mode).
+    Each kernel increments counters inside the branch that does a block's math, so empty blocks and grid steps
+    past a row's block count are not counted. For tests (interpret mode).
     """
     qp, kp, vp, ops, meta = prepare(q, k, v, mask, score_mod, block_q=block_q, block_k=block_k)
     st = make_static(impl, q, k, meta, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
                      count_blocks=True, options=options)
-    out, lse, fwd_count = impl.forward(st, qp, kp, vp, ops)
-    *_, (dq_count, dkv_count) = impl.backward(st, qp, kp, vp, ops, out, lse, jnp.ones_like(out))
-    return {"fwd": int(jnp.sum(fwd_count)), "dq": int(jnp.sum(dq_count)), "dkv": int(jnp.sum(dkv_count))}
+    forward = jax.jit(impl.forward, static_argnums=0)
+    backward = jax.jit(impl.backward, static_argnums=0)
+    out, lse, fwd_count = forward(st, qp, kp, vp, ops)
+    *_, (dq_count, dkv_count) = backward(st, qp, kp, vp, ops, out, lse, jnp.ones_like(out))
+    out = {}
+    for name, c in (("fwd", fwd_count), ("dq", dq_count), ("dkv", dkv_count)):
+        c = np.asarray(c).reshape(-1, 2)
+        out[name], out[name + "_masked"] = int(c[:, 0].sum()), int(c[:, 1].sum())
+    return out
 
 
 def unlowerable_primitives(q_shape, k_shape, mask, score_mod, *, block_q, block_k) -> set:

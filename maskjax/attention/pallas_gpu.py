@@ -111,6 +111,15 @@ def _leaf_block(ref, spec, sl, *, along):
     return ref[(slice(None),) * spec.n_extra + (sl, slice(None))]
 
 
+def _count_increment(masked):
+    """int32 [2]: (one more computed block, whether it evaluated the mask)."""
+    return jnp.where(lax.broadcasted_iota(jnp.int32, (2,), 0) == 0, 1, int(masked))
+
+
+def _count_spec(index_map):
+    return pl.BlockSpec((None, None, None, 2), index_map)
+
+
 def _check_gpu(q_shape, block_q, block_k, leaves=(), specs=()):
     def pow2(n):
         return n > 0 and (n & (n - 1)) == 0
@@ -153,14 +162,14 @@ def _fwd_kernel(st: pc.Static, sz: _Sizes, *refs):
             if masked:
                 blocks = [_leaf_block(r, sp, sl, along="kv") for r, sp in zip(mask_refs, st.mask_specs)]
                 ok = pc.allowed(st, b, h, q_idx, kv_idx, blocks)
-            return (*pc.online_softmax_step(s, ok, m, l, acc, v), c + 1)
+            return (*pc.online_softmax_step(s, ok, m, l, acc, v), c + _count_increment(masked))
 
         if not st.needs_mask:
             return run(False)
         return lax.cond(kv_kind[j] == FULL, lambda: run(False), lambda: run(True))
 
     init = (jnp.full((bq, 1), pc.MASK_VALUE, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
-            jnp.zeros((bq, d), jnp.float32), jnp.int32(0))
+            jnp.zeros((bq, d), jnp.float32), jnp.zeros((2,), jnp.int32))
     m, l, acc, c = lax.fori_loop(0, kv_count[...], body, init)
     out, lse = pc.finalize(m, l, acc)
     o_ref[...] = out.astype(o_ref.dtype)
@@ -185,8 +194,8 @@ def _forward(st: pc.Static, q, k, v, ops: pc.Operands):
     out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
                  pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
     if st.count_blocks:
-        out_shape.append(jax.ShapeDtypeStruct((sz.batch, sz.heads, sz.nq), jnp.int32))
-        out_specs.append(pl.BlockSpec((None, None, None), lambda i, b, h: (b, h, i)))
+        out_shape.append(jax.ShapeDtypeStruct((sz.batch, sz.heads, sz.nq, 2), jnp.int32))
+        out_specs.append(_count_spec(lambda i, b, h: (b, h, i, 0)))
     outs = pl.pallas_call(
         lambda *refs: _fwd_kernel(st, sz, *refs),
         grid=(sz.nq, sz.batch, sz.heads),
@@ -228,12 +237,12 @@ def _dq_kernel(st: pc.Static, sz: _Sizes, *refs):
                 if masked else []
             _, ds, d_blocks = pc.backward_block(st, b, h, q_idx, kv_idx, q, k, v, do, lse, delta, score_blocks,
                                                 mask_blocks, masked)
-            return ds, tuple(g.astype(jnp.float32) for g in d_blocks)
+            return ds, tuple(g.astype(jnp.float32) for g in d_blocks), _count_increment(masked)
 
         if st.needs_mask:
-            ds, d_blocks = lax.cond(kv_kind[j] == FULL, lambda: run(False), lambda: run(True))
+            ds, d_blocks, inc = lax.cond(kv_kind[j] == FULL, lambda: run(False), lambda: run(True))
         else:
-            ds, d_blocks = run(False)
+            ds, d_blocks, inc = run(False)
         dq = dq + lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
         new_sums = []
         for r, g, blocked, total in zip(grad_refs, d_blocks, kv_blocked, sums):
@@ -242,10 +251,10 @@ def _dq_kernel(st: pc.Static, sz: _Sizes, *refs):
                 new_sums.append(total)
             else:
                 new_sums.append(total + g.reshape(total.shape))
-        return dq, c + 1, tuple(new_sums)
+        return dq, c + inc, tuple(new_sums)
 
     sums0 = tuple(jnp.zeros(() if blocked else r.shape, jnp.float32) for r, blocked in zip(grad_refs, kv_blocked))
-    dq, c, sums = lax.fori_loop(0, kv_count[...], body, (jnp.zeros(q.shape, jnp.float32), jnp.int32(0), sums0))
+    dq, c, sums = lax.fori_loop(0, kv_count[...], body, (jnp.zeros(q.shape, jnp.float32), jnp.zeros((2,), jnp.int32), sums0))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
     for r, blocked, total in zip(grad_refs, kv_blocked, sums):
         if not blocked:
@@ -284,8 +293,8 @@ def _dq(st, sz, q, k, v, ops, do, lse, delta):
         out_shape.append(jax.ShapeDtypeStruct(shape, jnp.float32))
         out_specs.append(block_spec)
     if st.count_blocks:
-        out_shape.append(jax.ShapeDtypeStruct((sz.batch, sz.heads, sz.nq), jnp.int32))
-        out_specs.append(pl.BlockSpec((None, None, None), lambda i, b, h: (b, h, i)))
+        out_shape.append(jax.ShapeDtypeStruct((sz.batch, sz.heads, sz.nq, 2), jnp.int32))
+        out_specs.append(_count_spec(lambda i, b, h: (b, h, i, 0)))
     outs = pl.pallas_call(
         lambda *refs: _dq_kernel(st, sz, *refs),
         grid=(sz.nq, sz.batch, sz.heads),
@@ -325,18 +334,18 @@ def _dkv_kernel(st: pc.Static, sz: _Sizes, *refs):
                 if masked else []
             p, ds, _ = pc.backward_block(st, b, h, q_idx, kv_idx, q, k, v, do, lse, delta, score_blocks,
                                          mask_blocks, masked)
-            return p, ds
+            return p, ds, _count_increment(masked)
 
         if st.needs_mask:
-            p, ds = lax.cond(q_kind[j] == FULL, lambda: run(False), lambda: run(True))
+            p, ds, inc = lax.cond(q_kind[j] == FULL, lambda: run(False), lambda: run(True))
         else:
-            p, ds = run(False)
+            p, ds, inc = run(False)
         dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)
         dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
-        return dk, dv, c + 1
+        return dk, dv, c + inc
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv, c = lax.fori_loop(0, q_count[...], body, (zeros, zeros, jnp.int32(0)))
+    dk, dv, c = lax.fori_loop(0, q_count[...], body, (zeros, zeros, jnp.zeros((2,), jnp.int32)))
     dk_ref[...] = dk * st.scale
     dv_ref[...] = dv
     if st.count_blocks:
@@ -359,8 +368,8 @@ def _dkv(st, sz, q, k, v, ops, do, lse, delta):
     out_shape = [jax.ShapeDtypeStruct(per_head, jnp.float32), jax.ShapeDtypeStruct(per_head, jnp.float32)]
     out_specs = [out_spec, out_spec]
     if st.count_blocks:
-        out_shape.append(jax.ShapeDtypeStruct((sz.batch, sz.heads, sz.nk), jnp.int32))
-        out_specs.append(pl.BlockSpec((None, None, None), lambda n, b, h: (b, h, n)))
+        out_shape.append(jax.ShapeDtypeStruct((sz.batch, sz.heads, sz.nk, 2), jnp.int32))
+        out_specs.append(_count_spec(lambda n, b, h: (b, h, n, 0)))
     outs = pl.pallas_call(
         lambda *refs: _dkv_kernel(st, sz, *refs),
         grid=(sz.nk, sz.batch, sz.heads),

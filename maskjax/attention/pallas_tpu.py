@@ -91,7 +91,12 @@ def _values(refs):
 
 
 def _count_spec(index_map):
-    return pl.BlockSpec((None, None, None, 1, 1), index_map)
+    return pl.BlockSpec((None, None, None, 1, 2), index_map)
+
+
+def _count_increment(masked):
+    """[1, 2] int32: (one more computed block, whether it evaluated the mask)."""
+    return jnp.where(jax.lax.broadcasted_iota(jnp.int32, (1, 2), 1) == 0, 1, int(masked))
 
 
 # ---------------------------------------------------------------- forward
@@ -124,7 +129,7 @@ def _fwd_kernel(st: pc.Static, sz: _Sizes, *refs):
         m, l, acc = pc.online_softmax_step(s, ok, m_scr[...], l_scr[...], acc_scr[...], v_ref[...])
         m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
         if count_ref is not None:
-            count_ref[...] += 1
+            count_ref[...] += _count_increment(masked)
 
     pl.when((j < count) & (kind == FULL))(lambda: compute(False))
     if st.needs_mask:
@@ -158,7 +163,7 @@ def _forward(st: pc.Static, q, k, v, ops: pc.Operands):
                  jax.ShapeDtypeStruct((sz.batch, sz.heads, sz.q_pad, 1), jnp.float32)]
     out_specs = [q_spec, pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, *_: (b, h, i, 0))]
     if st.count_blocks:
-        out_shape.append(jax.ShapeDtypeStruct((sz.batch, sz.heads, sz.nq, 1, 1), jnp.int32))
+        out_shape.append(jax.ShapeDtypeStruct((sz.batch, sz.heads, sz.nq, 1, 2), jnp.int32))
         out_specs.append(_count_spec(lambda b, h, i, j, *_: (b, h, i, 0, 0)))
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -234,7 +239,7 @@ def _dq_kernel(st: pc.Static, sz: _Sizes, *refs):
             else:
                 r[...] += g
         if count_ref is not None:
-            count_ref[...] += 1
+            count_ref[...] += _count_increment(masked)
 
     pl.when((j < count) & (kind == FULL))(lambda: compute(False))
     if st.needs_mask:
@@ -283,7 +288,7 @@ def _dq(st, sz, q, k, v, ops, do, lse, delta):
         out_shape.append(jax.ShapeDtypeStruct(shape, jnp.float32))
         out_specs.append(pl.BlockSpec(block, index_map))
     if st.count_blocks:
-        out_shape.append(jax.ShapeDtypeStruct((sz.batch, sz.heads, sz.nq, 1, 1), jnp.int32))
+        out_shape.append(jax.ShapeDtypeStruct((sz.batch, sz.heads, sz.nq, 1, 2), jnp.int32))
         out_specs.append(_count_spec(lambda b, h, i, j, *_: (b, h, i, 0, 0)))
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -341,7 +346,7 @@ def _dkv_kernel(st: pc.Static, sz: _Sizes, *refs):
         dv_scr[...] += jax.lax.dot_general(p.astype(do_blk.dtype), do_blk, _TN, preferred_element_type=jnp.float32)
         dk_scr[...] += jax.lax.dot_general(ds.astype(q_blk.dtype), q_blk, _TN, preferred_element_type=jnp.float32)
         if count_ref is not None:
-            count_ref[...] += 1
+            count_ref[...] += _count_increment(masked)
 
     pl.when((jj < count) & (kind == FULL))(lambda: compute(False))
     if st.needs_mask:
@@ -375,7 +380,7 @@ def _dkv(st, sz, q, k, v, ops, do, lse, delta):
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     out_specs = [kv_spec, kv_spec]
     if st.count_blocks:
-        out_shape.append(jax.ShapeDtypeStruct((sz.batch, sz.kv_heads, sz.nk, 1, 1), jnp.int32))
+        out_shape.append(jax.ShapeDtypeStruct((sz.batch, sz.kv_heads, sz.nk, 1, 2), jnp.int32))
         out_specs.append(_count_spec(lambda b, hk, n, t, *_: (b, hk, n, 0, 0)))
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
