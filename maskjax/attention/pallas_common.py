@@ -336,13 +336,24 @@ def flash_core(st: Static, q, k, v, score_leaves, mask_leaves, fwd_lists, bwd_li
 
 
 def _flash_core_fwd(st, q, k, v, score_leaves, mask_leaves, fwd_lists, bwd_lists):
+    # symbolic_zeros: leaves arrive as CustomVJPPrimal(value, perturbed). Score leaves nobody differentiates
+    # (e.g. a constant bias) get no gradient kernel outputs; the flags travel in the residuals' tree structure
+    # (() = wanted, None = not) because residual leaves must be arrays.
+    wanted = tuple(() if x.perturbed else None for x in score_leaves)
+    q, k, v, score_leaves, mask_leaves, fwd_lists, bwd_lists = jax.tree_util.tree_map(
+        lambda x: x.value, (q, k, v, score_leaves, mask_leaves, fwd_lists, bwd_lists))
     ops = Operands(score_leaves, mask_leaves, fwd_lists, bwd_lists)
     out, lse, _ = st.impl.forward(st, q, k, v, ops)
-    return out, (q, k, v, ops, out, lse)
+    return out, (q, k, v, ops, out, lse, wanted)
 
 
 def _flash_core_bwd(st, res, d_out):
-    q, k, v, ops, out, lse = res
+    q, k, v, ops, out, lse, wanted = res
+    if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
+        return None, None, None, None, None, None, None
+    specs = tuple(dataclasses.replace(spec, diff=spec.diff and wanted[n] is not None)
+                  for n, spec in enumerate(st.score_specs))
+    st = dataclasses.replace(st, score_specs=specs)
     dq, dk, dv, d_leaves, _ = st.impl.backward(st, q, k, v, ops, out, lse, d_out)
     d_score = [None] * len(ops.score_leaves)
     for n, g in zip(st.diff_leaves, d_leaves):
@@ -350,7 +361,7 @@ def _flash_core_bwd(st, res, d_out):
     return dq, dk, dv, tuple(d_score), None, None, None
 
 
-flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
+flash_core.defvjp(_flash_core_fwd, _flash_core_bwd, symbolic_zeros=True)
 
 
 def make_static(impl, q, k, meta, *, scale, block_q, block_k, interpret, count_blocks=False, options=()):

@@ -74,3 +74,37 @@ def test_static_block_lists_shrink_the_grid():
         _, _, _, ops, _ = pc.prepare(q, q, q, M.dense(dense), None, block_q=16, block_k=16)
         return ops.fwd_lists.index
     assert traced(jnp.ones((1, 1, 128, 128), bool)).shape[-1] == 8   # traced: full width, skipping by count
+
+
+def _pallas_output_shapes(fn, *args):
+    """Output shapes of every pallas_call in the jaxpr of fn(*args) (no execution)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                found.append([tuple(v.aval.shape) for v in eqn.outvars])
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+                    elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        walk(sub.jaxpr)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_bias_gradient_kernel_output_only_when_differentiated(backend):
+    """A constant bias costs no [B, H, q, kv] gradient output (custom VJP with symbolic zeros)."""
+    from maskjax.attention import score_mods as S
+    fn = {"tpu": pallas_tpu.flash_attention, "gpu": pallas_gpu.flash_attention}[backend]
+    q = jnp.ones((1, 32, 2, 16), jnp.float32)
+    bias = jnp.zeros((1, 2, 32, 32), jnp.float32)
+    attend = lambda q, b: fn(q, q, q, M.causal(), S.bias(b), block_q=16, block_k=16, interpret=True).sum()
+    only_q = _pallas_output_shapes(jax.grad(attend), q, bias)
+    with_bias = _pallas_output_shapes(jax.grad(attend, argnums=(0, 1)), q, bias)
+    assert len(only_q) == len(with_bias) == 3                     # forward, dq, dk/dv
+    assert sum(len(o) for o in with_bias) == sum(len(o) for o in only_q) + 1
+    assert any(len(shape) == 5 and shape[-1] == 32 for o in with_bias for shape in o)   # [B, H, nq, bq, kv]

@@ -123,31 +123,39 @@ def test_bfloat16_within_tolerance(backend):
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_score_modifier_parameter_gradients(backend):
-    """Dense bias + ALiBi slopes + soft cap, with gradients w.r.t. bias, slopes and cap, under a causal mask."""
-    batch, q_len, kv_len, heads = 1, 30, 30, 2
+    """Gradients w.r.t. the parameters of chained score modifiers covering every leaf layout: a dense bias
+    (blocked along q and kv), per-query temperatures (q only), a per-key bias (kv only), ALiBi slopes (per head)
+    and a soft cap (scalar); causal mask with an odd length (padded keys)."""
+    batch, q_len, kv_len, heads = 2, 30, 30, 2
     q, k, v = _qkv(3, batch, q_len, kv_len, heads, heads)
-    bias = 0.5 * jax.random.normal(jax.random.key(4), (1, heads, q_len, kv_len))
+    keys = jax.random.split(jax.random.key(4), 3)
+    bias = 0.5 * jax.random.normal(keys[0], (1, heads, q_len, kv_len))
+    temps = 1.0 + 0.3 * jax.random.normal(keys[1], (batch, q_len))
+    key_bias = 0.5 * jax.random.normal(keys[2], (kv_len,))
     slopes = jnp.array([0.3, 0.05], jnp.float32)
     cap = jnp.float32(2.5)
     dense = causal_dense(q_len, kv_len)[None, None]
     dist = jnp.abs(jnp.arange(q_len)[:, None] - jnp.arange(kv_len)[None, :]).astype(jnp.float32)
 
-    def kernel(q, k, v, bias, slopes, cap):
-        mod = S.bias(bias) + S.alibi(slopes) + S.soft_cap(cap)
+    def kernel(q, k, v, bias, temps, key_bias, slopes, cap):
+        mod = (S.bias(bias) + S.score_function(lambda s, b, h, qi, ki, t: s * t, temps, axes=("bq",))
+               + S.score_function(lambda s, b, h, qi, ki, kb: s + kb, key_bias, axes=("k",))
+               + S.alibi(slopes) + S.soft_cap(cap))
         return BACKENDS[backend](q, k, v, M.causal(), mod, block_q=BLOCK, block_k=BLOCK, interpret=True)
 
-    def reference(q, k, v, bias, slopes, cap):
+    def reference(q, k, v, bias, temps, key_bias, slopes, cap):
         def score_fn(s):
-            s = s + bias
+            s = (s + bias) * temps[:, None, :, None] + key_bias
             s = s - slopes[None, :, None, None] * dist
             return cap * jnp.tanh(s / cap)
         return dense_attention(q, k, v, dense, score_fn=score_fn)
 
     w = _loss_weights(q.shape)
-    args = (q, k, v, bias, slopes, cap)
-    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=tuple(range(6))))(*args)
+    args = (q, k, v, bias, temps, key_bias, slopes, cap)
+    names = ["q", "k", "v", "bias", "temps", "key_bias", "slopes", "cap"]
+    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=tuple(range(len(args)))))(*args)
     np.testing.assert_allclose(jax.jit(kernel)(*args), reference(*args), atol=2e-5, rtol=1e-5)
-    for name, g, rg in zip(["q", "k", "v", "bias", "slopes", "cap"], grad(kernel), grad(reference)):
+    for name, g, rg in zip(names, grad(kernel), grad(reference)):
         assert np.shape(g) == np.shape(rg), name
         np.testing.assert_allclose(g, rg, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
 
