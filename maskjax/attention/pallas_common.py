@@ -228,7 +228,7 @@ def backward_block(st, b, h, q_idx, kv_idx, q, k, v, do, lse, delta, score_block
 
 
 def reduce_leaf_grad(g, leaf_shape, spec: LeafSpec, dtype):
-    """Per-(batch, head, q block) gradient [B, H, nq, *extra, qd, Kl] -> gradient of the leaf [Bl, Hl, *extra, Ql, Kl]."""
+    """Per-(batch, head, q block) gradient [B, H, nq, *extra, qd, Kl] -> leaf gradient [Bl, Hl, *extra, Ql, Kl]."""
     if spec.q:
         nq_axis = 2
         g = jnp.moveaxis(g, nq_axis, -3)      # [B, H, *extra, nq, bq, Kl]

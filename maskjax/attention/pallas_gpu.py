@@ -254,7 +254,8 @@ def _dq_kernel(st: pc.Static, sz: _Sizes, *refs):
         return dq, c + inc, tuple(new_sums)
 
     sums0 = tuple(jnp.zeros(() if blocked else r.shape, jnp.float32) for r, blocked in zip(grad_refs, kv_blocked))
-    dq, c, sums = lax.fori_loop(0, kv_count[...], body, (jnp.zeros(q.shape, jnp.float32), jnp.zeros((2,), jnp.int32), sums0))
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros((2,), jnp.int32), sums0)
+    dq, c, sums = lax.fori_loop(0, kv_count[...], body, init)
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
     for r, blocked, total in zip(grad_refs, kv_blocked, sums):
         if not blocked:
