@@ -9,7 +9,8 @@ Modes (`approx_mode`):
   lowrank    forward and backward through the low-rank kernel; the gradient is the exact gradient of the
              approximate model (autodiff), O(n r d). Related public work: linear/Taylor attention (Based,
              PolySketchFormer, Performer) — Based uses this same 2nd-order Taylor kernel.
-  exact_fwd  exact softmax forward (maskjax.attention.reference); the backward is the `lowrank` gradient
+  exact_fwd  exact softmax forward (maskjax.attention reference, or blocked beyond 256² scores); the
+             backward is the `lowrank` gradient
              (jax.custom_vjp): an approximate gradient of the exact model — the paper's setting. The forward
              is O(n² d) (it is exact); the backward O(n r d).
   paper      forward as `lowrank`; backward with the paper's formula: dS = P̃ ∘ (dO Vᵀ − δ 1ᵀ), contracted with
@@ -40,9 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskjax.attention.approx_features import feature_rank, taylor_exp, taylor_features
+from maskjax.attention import masks
+from maskjax.attention.blocked import blocked_attention
 from maskjax.attention.reference import reference_attention
 
 APPROX_MODES = ("lowrank", "exact_fwd", "paper")
+# exact_fwd: score matrices up to this size use the dense reference forward, larger ones the blocked path.
+_DENSE_EXACT_MAX = 256 * 256
 
 
 class _Config(NamedTuple):
@@ -51,6 +56,7 @@ class _Config(NamedTuple):
     window: Optional[int]
     block: int  # block length c (for the unblocked global path: the key length)
     blocked: bool  # False: bidirectional without window, one global state
+    key_padding: bool  # a key-padding mask was given
 
 
 # ----------------------------------------------------------------------------------------------- layout helpers
@@ -197,11 +203,18 @@ def _lowrank(qs, ks, v, valid, cfg: _Config) -> jax.Array:
 
 
 def _exact(qs, ks, v, valid, cfg: _Config) -> jax.Array:
-    mask = (valid > 0)[:, None, None, :]  # [G, 1(q), 1(head), k]
-    if cfg.causal:
-        mask = mask & jnp.tril(jnp.ones((qs.shape[1], ks.shape[1]), bool))[None, None]
-    out = reference_attention(qs[:, :, None], ks[:, :, None], v[:, :, None], mask=mask, scale=1.0)
-    return out[:, :, 0]
+    """Exact softmax forward: dense reference for small problems, the blocked XLA path (O(tile) memory) beyond."""
+    q4, k4, v4 = qs[:, :, None], ks[:, :, None], v[:, :, None]  # [G, n, 1 head, d]
+    if qs.shape[1] * ks.shape[1] <= _DENSE_EXACT_MAX:
+        mask = (valid > 0)[:, None, None, :]
+        if cfg.causal:
+            mask = mask & jnp.tril(jnp.ones((qs.shape[1], ks.shape[1]), bool))[None, None]
+        return reference_attention(q4, k4, v4, mask=mask, scale=1.0)[:, :, 0]
+    mask = masks.causal() if cfg.causal else None
+    if cfg.key_padding:
+        padding = masks.dense((valid > 0)[:, None, None, :])
+        mask = padding if mask is None else mask & padding
+    return blocked_attention(q4, k4, v4, mask, scale=1.0)[:, :, 0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -374,7 +387,7 @@ def approx_attention(
     valid_g = jnp.repeat(valid, heads, axis=0)
     blocked = causal or window is not None
     cfg = _Config(int(degree), bool(causal), None if window is None else int(window),
-                  int(min(block_size, q_len)) if blocked else k_len, blocked)
+                  int(min(block_size, q_len)) if blocked else k_len, blocked, mask is not None)
     if approx_mode == "lowrank":
         out = _lowrank(qs, ks, vf, valid_g, cfg)
     elif approx_mode == "exact_fwd":

@@ -246,6 +246,15 @@ def test_exact_fwd_has_exact_forward_and_lowrank_backward(name):
         assert_close(got, want, 5e-5, f"{name} {what}")
 
 
+def test_exact_fwd_uses_blocked_exact_forward_for_long_sequences():
+    n = 260  # 260² scores: above the dense threshold, so the forward runs maskjax's blocked path
+    q, k, v, _ = sphere_inputs(jax.random.key(10), 2, n, 1, 4, 2.0)
+    key_valid = jnp.arange(n)[None, :] < jnp.array([[n - 37], [n]])
+    out = jax.jit(lambda a, b, c, m: approx_attention(a, b, c, m, scale=1.0, approx_mode="exact_fwd", causal=True))(
+        q, k, v, key_valid[:, None, None, :])
+    assert_close(out, dense_softmax(q, k, v, regions(n, True)[0], key_valid)[0], 2e-5, "blocked exact forward")
+
+
 def test_hybrid_does_not_depend_on_block_size():
     q, k, v, _ = sphere_inputs(jax.random.key(3), 1, 40, 1, 4, 2.0)
     outs = jax.jit(lambda a, b, c: [approx_attention(a, b, c, scale=1.0, causal=True, window=9, block_size=bs)
