@@ -56,24 +56,30 @@ def test_short_run_lowers_the_loss(tmp_path):
     assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() == 40
 
 
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    trainer = Trainer(tiny_config(), str(tmp_path_factory.mktemp("one")), devices=jax.devices()[:1])
+    state, losses = run_steps(trainer, 3)
+    return jax.device_get(state.params), losses
+
+
 @pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, model=1),    # data parallel
                                   dict(data=1, fsdp=8, model=1),    # FSDP
-                                  dict(data=4, fsdp=1, model=2),    # tensor parallel
-                                  dict(data=2, fsdp=2, model=2)])   # all three
-def test_sharded_training_matches_one_device(tmp_path, mesh):
+                                  dict(data=2, fsdp=2, model=2)],   # data x FSDP x tensor parallel
+                         ids=["dp", "fsdp", "dp_fsdp_tp"])
+def test_sharded_training_matches_one_device(tmp_path, mesh, one_device_run):
+    single_params, single_losses = one_device_run
     config = tiny_config()
-    single = Trainer(config, str(tmp_path / "one"), devices=jax.devices()[:1])
-    single_state, single_losses = run_steps(single, 3)
     config.mesh.update(mesh)
-    sharded = Trainer(config, str(tmp_path / "many"), devices=jax.devices()[:8])
+    sharded = Trainer(config, str(tmp_path), devices=jax.devices()[:8])
     sharded_state, sharded_losses = run_steps(sharded, 3)
     np.testing.assert_allclose(sharded_losses, single_losses, rtol=2e-5)
-    for a, b in zip(jax.tree.leaves(jax.device_get(single_state.params)),
-                    jax.tree.leaves(jax.device_get(sharded_state.params))):
+    for a, b in zip(jax.tree.leaves(single_params), jax.tree.leaves(jax.device_get(sharded_state.params))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
-    if mesh["fsdp"] > 1 or mesh["model"] > 1:
-        specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(sharded_state.params)}
-        assert any(("fsdp" in s) or ("model" in s) for s in specs), specs
+    specs = [str(leaf.sharding.spec) for leaf in jax.tree.leaves(sharded_state.params)]
+    for axis in ("fsdp", "model"):
+        if mesh[axis] > 1:
+            assert any(axis in spec for spec in specs), (axis, specs)
 
 
 def test_gradient_accumulation_equals_full_batch(tmp_path):
