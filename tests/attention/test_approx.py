@@ -37,7 +37,8 @@ def explicit_features(x, g):
     d = x.shape[-1]
     cols = []
     for j in range(g + 1):
-        for combo in itertools.combinations_with_replacement(range(d), j):
+        # colexicographic order (by largest coordinate), the order taylor_features documents
+        for combo in sorted(itertools.combinations_with_replacement(range(d), j), key=lambda c: c[::-1]):
             counts = np.bincount(np.array(combo, int), minlength=d) if combo else np.zeros(d, int)
             weight = 1.0 / math.sqrt(math.prod(math.factorial(c) for c in counts))
             col = jnp.ones(x.shape[:-1], x.dtype)
