@@ -26,9 +26,12 @@ def _pallas_module(platform: str):
         raise ValueError(f"attention: backend='pallas' is not available ({name}: {err})") from err
 
 
-def _pallas_supports(module, q, k, mask, mod) -> bool:
-    supports = getattr(module, "supports", None)
-    return bool(supports(q.shape, k.shape, q.dtype, mask, mod)) if supports is not None else True
+def _pallas_unsupported(module, q, k, v, mask, mod, block_q, block_k, interpret) -> str:
+    """'' when the kernel module can run this case, else the reason."""
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"mixed dtypes q={q.dtype}, k={k.dtype}, v={v.dtype}"
+    return module.unsupported_reason(q.shape, k.shape, q.dtype, mask, mod, block_q=block_q, block_k=block_k,
+                                     interpret=bool(interpret))
 
 
 def attention(
@@ -85,17 +88,20 @@ def attention(
     batch, q_len, heads, _ = q.shape
     k_len = k.shape[1]
 
+    mod = as_score_mod(score_mod, bias)
+    default_block = 64 if platform == "gpu" else 128
+    pallas_kwargs = dict(block_q=block_q or default_block, block_k=block_k or default_block,
+                         interpret=(platform == "cpu") if interpret is None else interpret)
+
     if backend == "auto":
         backend = "reference"
         if platform in ("tpu", "gpu"):
             try:
                 module = _pallas_module(platform)
-                if _pallas_supports(module, q, k, mask_obj, as_score_mod(score_mod, bias)):
-                    backend = "pallas"
-                else:
-                    backend = "blocked"
+                ok = not _pallas_unsupported(module, q, k, v, mask_obj, mod, **pallas_kwargs)
             except ValueError:
-                backend = "blocked"
+                ok = False
+            backend = "pallas" if ok else "blocked"
         elif mask_obj is not None and q_len * k_len > _SMALL:
             backend = "blocked"
 
@@ -105,14 +111,8 @@ def attention(
     if backend == "blocked":
         return blocked_attention(q, k, v, mask_obj, bias, scale=scale, score_mod=score_mod,
                                  block_q=block_q or 128, block_k=block_k or 128, block_map=block_map)
-    # pallas
     module = _pallas_module("gpu" if platform == "gpu" else "tpu")
-    mod = as_score_mod(score_mod, bias)
-    if not _pallas_supports(module, q, k, mask_obj, mod):
-        raise ValueError(f"attention: backend='pallas' does not support this mask / score_mod "
-                         f"({mask_obj!r}, {mod!r}); use backend='blocked'")
-    default_block = 64 if platform == "gpu" else 128
-    return module.flash_attention(
-        q, k, v, mask_obj, mod, scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        block_q=block_q or default_block, block_k=block_k or default_block,
-        interpret=(platform == "cpu") if interpret is None else interpret)
+    reason = _pallas_unsupported(module, q, k, v, mask_obj, mod, **pallas_kwargs)
+    if reason:
+        raise ValueError(f"attention: backend='pallas' cannot run this case: {reason}; use backend='blocked'")
+    return module.flash_attention(q, k, v, mask_obj, mod, scale=scale, **pallas_kwargs)

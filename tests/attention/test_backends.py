@@ -252,3 +252,15 @@ def test_entry_point_backends_agree_and_validate():
         attention(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2))
     with pytest.raises(ValueError, match="block_q"):
         blocked_attention(q, k, v, block_q=0)
+
+
+def test_entry_point_dispatches_to_pallas_interpret_on_cpu():
+    rng = np.random.default_rng(10)
+    q, k, v = _inputs(rng, 1, 16, 16, 2, 1, 8, jnp.float32)
+    seg = np.array([[0] * 6 + [1] * 10])
+    mask = M.segment_ids(seg) & M.causal()
+    got = jax.jit(lambda q, k, v: attention(q, k, v, mask=mask, backend="pallas", block_q=8, block_k=8))(q, k, v)
+    want = jax.jit(R.dense_attention)(q, k, v, (R.np_segments(seg, seg) & R.np_causal(16, 16))[:, None])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="dtypes"):
+        attention(q, k.astype(jnp.bfloat16), v, mask=mask, backend="pallas")
