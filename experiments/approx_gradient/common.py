@@ -80,10 +80,11 @@ def out_and_grads(fn):
 
 
 def fwd_bwd(fn):
-    """jit(q, k, v, dO) -> (dq, dk, dv): the forward+backward whose time we measure."""
+    """jit(q, k, v, dO) -> (out, dq, dk, dv): the forward+backward whose time we measure. The output is
+    returned so that it is computed (exact_fwd's backward does not need it and XLA would drop it)."""
     def run(q, k, v, d_out):
-        _, pullback = jax.vjp(fn, q, k, v)
-        return pullback(d_out)
+        out, pullback = jax.vjp(fn, q, k, v)
+        return (out,) + pullback(d_out)
     return jax.jit(run)
 
 
