@@ -17,7 +17,7 @@ What is drawn: the background is split into two stuff regions by a random smooth
 filled with a different texture in two random colours. On top: one main object (its class is the label; drawn at a
 larger scale than any distractor, always mostly visible) plus 0..max_objects smaller distractors of other classes,
 which may occlude each other and, a little, the main object. All shapes have the same area at the same scale and
-random colours, so the class is carried by shape alone. Shapes that would look like each other when rotated
+random colours (any hue; things bright, stuff dark, for every class alike), so the class is carried by shape alone. Shapes that would look like each other when rotated
 (square, diamond, cross) are only rotated by a few degrees; the rest take any rotation.
 
 Pixel tests use only arithmetic, comparisons and floor on float64 (transcendental functions are applied to per-example
@@ -55,8 +55,12 @@ _MIN_MAIN_VISIBLE = 0.75          # A distractor goes under the main object if o
 # Rotation range (degrees, +-) per class: symmetric-looking classes get a few degrees, the others any angle.
 _MAX_ROTATION = {"square": 12.0, "diamond": 12.0, "cross": 12.0}
 
+_TEXTURE_CONTRAST = (50.0, 110.0)  # Per-channel difference of a texture's two colours (0..255).
 _NOISE_GRID = 6                   # Value-noise lattice (per side) of the 'noise' texture.
-_COLOR_CANDIDATES = 6             # Object colour: the most distinct of this many random candidates.
+# Colours (0..255 per channel): stuff is dark, things are bright, hues are free. The class-independent brightness
+# gap gives the shape silhouette a consistent sign, which makes the set learnable in a few hundred steps.
+_STUFF_LEVELS = (0.0, 120.0)
+_THING_LEVELS = (140.0, 255.0)
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -155,8 +159,8 @@ def _texture(kind: str, x: np.ndarray, y: np.ndarray, p: np.ndarray, size: int) 
 
 
 _TEXTURE_PARAMS = 4 + _NOISE_GRID * _NOISE_GRID
-# Per object: reserved, centre (2), scale, angle, on-top, reserved, colour candidates.
-_OBJECT_PARAMS = 7 + 3 * _COLOR_CANDIDATES
+# Per object: reserved, centre (2), scale, angle, on-top, reserved, colour (3).
+_OBJECT_PARAMS = 7 + 3
 
 
 # ------------------------------------------------------------------------------------------- the data set
@@ -323,9 +327,11 @@ class BuiltinShapes:
         for ids, mask in ((first, ~in_second), (second, in_second)):
             colours = r.take(6).reshape(n, 2, 3)
             # Two colours of one texture: the second differs enough from the first to show the pattern.
-            base = 40.0 + 175.0 * colours[:, 0]
-            other = base + np.where(colours[:, 1] < 0.5, -1.0, 1.0) * (50.0 + 60.0 * colours[:, 1])
-            other = np.where((other < 0) | (other > 255), 2 * base - other, other).clip(0, 255)
+            dark, light = _STUFF_LEVELS
+            base = dark + (light - dark) * colours[:, 0]
+            low, high = _TEXTURE_CONTRAST
+            other = base + np.where(colours[:, 1] < 0.5, -1.0, 1.0) * (low + (high - low) * colours[:, 1])
+            other = np.where((other < dark) | (other > light), 2 * base - other, other).clip(dark, light)
             params = r.take(_TEXTURE_PARAMS)
             region_intensity = np.zeros((n, size, size))
             for k, kind in enumerate(STUFF_CLASSES):
@@ -358,9 +364,8 @@ class BuiltinShapes:
             cy = size * (lo_c + (hi_c - lo_c) * o[:, 2])
             scale = size * (lo_s + (hi_s - lo_s) * o[:, 3])
             on_top[:, slot] = o[:, 5] < 0.5
-            candidates = 255.0 * o[:, 7:].reshape(n, _COLOR_CANDIDATES, 3)
-            distance = np.linalg.norm(candidates[:, :, None, :] - region_colours[:, None, :, :], axis=-1).min(-1)
-            colours[:, slot] = candidates[np.arange(n), distance.argmax(axis=1)]
+            dark, light = _THING_LEVELS
+            colours[:, slot] = dark + (light - dark) * o[:, 7:10]
             for k, name in enumerate(self.class_names):
                 rows = np.flatnonzero((classes[:, slot] == k) & present[:, slot])
                 if not rows.size:
@@ -440,7 +445,9 @@ def contact_sheet(source: BuiltinShapes, path: str, count: int = 16, scale: int 
     instance_palette = np.concatenate([[[40, 40, 40]], _palette(20)[::2], _palette(20)[1::2]])
     cols = 4
     rows = (count + cols - 1) // cols
-    fig, axes = plt.subplots(rows, 3 * cols, figsize=(3 * cols * 1.25, rows * 1.45), squeeze=False)
+    panel = 1.2  # Inches per square panel; each row also carries the panel titles.
+    width, height = 3 * cols * panel * 1.08, rows * panel * 1.3 + 1.0
+    fig, axes = plt.subplots(rows, 3 * cols, figsize=(width, height), squeeze=False)
     for i in range(count):
         r, c = divmod(i, cols)
         panels = (batch["image"][i], palette[batch["semantic"][i]],
@@ -456,7 +463,7 @@ def contact_sheet(source: BuiltinShapes, path: str, count: int = 16, scale: int 
     fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 8), fontsize=7, frameon=False)
     fig.suptitle(f"builtin_shapes ({source.split}, seed {source.seed}, {source.image_size}x{source.image_size}): "
                  "image (main class) | semantic | instance", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.6 / height, top=1 - 0.55 / height, wspace=0.08, hspace=0.3)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -130,7 +130,12 @@ def test_objects_stand_out_from_the_background(train_batch):
         inside = images[i][instance[i] == 1].mean(axis=0)
         around = images[i][instance[i] == 0].mean(axis=0)
         contrast.append(np.linalg.norm(inside - around))
-    assert np.median(contrast) > 60, np.median(contrast)
+    assert np.median(contrast) > 100, np.median(contrast)
+    # Things are brighter than stuff in every channel (class-independent polarity; hues stay free).
+    things = np.concatenate([images[i][instance[i] > 0] for i in range(len(images))])
+    stuff = np.concatenate([images[i][instance[i] == 0] for i in range(len(images))])
+    assert things.min() > stuff.max(), (things.min(), stuff.max())
+    assert (things.max(axis=0) - things.min(axis=0) > 100).all()  # Wide range of object colours.
 
 
 @pytest.mark.parametrize("kwargs,needle", [
