@@ -21,9 +21,9 @@ import functools
 import threading
 from typing import Any, Iterator, Protocol, Sequence
 
+import chex
 import numpy as np
 
-from maskjax.data import preprocess
 from maskjax.data.preprocess import preprocess_eval, preprocess_train
 
 __all__ = ["make_source", "TrainLoader", "EvalLoader", "eval_batches", "preprocess_eval", "preprocess_train",
@@ -106,8 +106,14 @@ def _read(source: Source, indices: Sequence[int]) -> list[dict[str, np.ndarray]]
     return [source[int(i)] for i in indices]
 
 
-def _stack(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+def _stack(examples: Sequence[dict[str, np.ndarray]], image_size: int) -> dict[str, np.ndarray]:
+    """Stacks preprocessed examples into a batch: 'image' float32 [b, image_size, image_size, C], 'label' [b]."""
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    chex.assert_shape(batch["image"], (len(examples), image_size, image_size, None))
+    chex.assert_type(batch["image"], np.float32)
+    if "label" in batch:
+        chex.assert_shape(batch["label"], (len(examples),))
+    return batch
 
 
 def _check_sharding(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -201,7 +207,7 @@ class TrainLoader:
                              self.augment_rng(step, first_in_batch + j) if self.augment else None,
                              augment=self.augment, crop_padding=self.crop_padding, flip=self.flip, keys=self.keys)
             for j, example in enumerate(_read(self.source, indices))]
-        return _stack(examples)
+        return _stack(examples, self.image_size)
 
     def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[tuple[int, dict]]:
         """(step, batch_at(step)) for step = start_step, start_step + 1, ... (endless unless num_steps is given)."""
@@ -252,7 +258,7 @@ class EvalLoader:
         valid = positions < self.num_examples
         examples = [preprocess_eval(e, self.image_size, self.keys)
                     for e in _read(self.source, np.where(valid, positions, 0))]
-        batch = _stack(examples)
+        batch = _stack(examples, self.image_size)
         batch["valid"] = valid
         return batch
 
