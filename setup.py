@@ -17,6 +17,7 @@ _CORE = [
     "Pillow>=10.0",
     "matplotlib>=3.8",
     "flatbuffers>=24.3",  # jax.export serialization.
+    "importlib_resources>=6.0",  # tfds 4.9.10 needs it to build builders that live in an installed package.
 ]
 
 setuptools.setup(

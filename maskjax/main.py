@@ -29,16 +29,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with a readable error for mistyped --config.<key> overrides."""
     try:
         return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        from maskjax.train.config import unknown_key_message
-        bad = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
-        config = _CONFIG.value if flags.FLAGS["config"].present else None
-        from maskjax.train.config import flat_keys
-        valid = flat_keys(config) if config is not None else []
-        unknown = [k for k in bad if k not in valid] or bad
-        sys.exit(f"Error: {unknown_key_message(unknown[0], valid)} ({e})")
-    except flags.Error as e:
-        sys.exit(f"Error: {e}\nPass --helpfull to see all flags.")
+    except (AttributeError, KeyError) as error:
+        from maskjax.train.config import base_config, flat_keys, unknown_key_message
+        valid = flat_keys(base_config())  # Every config file starts from this schema.
+        overrides = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+        unknown = [key for key in overrides if key not in valid] or overrides or [str(error)]
+        sys.exit(f"Error: {unknown_key_message(unknown[0], valid)}")
+    except flags.Error as error:
+        sys.exit(f"Error: {error}\nPass --helpfull to see all flags.")
 
 
 def main(argv: list[str]) -> None:

@@ -37,10 +37,12 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "builtin_shapes"  # 'builtin_shapes', 'fashion_mnist' or 'tfds:<builder>'.
+    c.data.seed = 0  # Seed of the generated built-in data set (fixed while config.seed varies runs).
     c.data.data_dir = ""  # Data directory for TFDS / IDX files ('' = the library default).
     c.data.image_size = 32  # Side of the (square) training images.
     c.data.train_split = "train"  # Split used for training.
     c.data.eval_split = "validation"  # Split used for periodic evaluation.
+    c.data.train_examples = -1  # Train on the first N examples of the split only (-1 = all; for tests and few-shot).
     c.data.augment = True  # Random crop (pad 4) + horizontal flip on training images.
     c.data.num_threads = 2  # Threads of the input pipeline (grain).
     c.data.prefetch = 2  # Batches prepared ahead of the train step.
@@ -83,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.log_every = 10  # Steps between metric records.
     c.eval_every = 100  # Steps between evaluations (0 = only at the end).
-    c.eval_batch_size = 250  # Global batch size of evaluation.
+    c.eval_batch_size = 256  # Global batch size of evaluation.
     c.eval_examples = -1  # Evaluate on the first N examples of the split (-1 = all).
     c.checkpoint_every = 100  # Steps between checkpoints (the last step is always saved).
     c.keep_checkpoints = 3  # Checkpoints kept on disk.
@@ -184,6 +186,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if config.eval_batch_size % batch_shards or config.eval_batch_size % num_processes:
         _fail("eval_batch_size", config.eval_batch_size,
               f"must be divisible by the {batch_shards} batch shards and {num_processes} processes")
+    if config.data.train_examples == 0 or config.data.train_examples < -1:
+        _fail("data.train_examples", config.data.train_examples, "must be a positive count or -1 (all)")
     if config.data.num_threads < 0 or config.data.prefetch < 0:
         _fail("data.num_threads", config.data.num_threads, "num_threads and prefetch must be >= 0")
 

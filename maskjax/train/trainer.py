@@ -52,6 +52,24 @@ class RunResult:
     paths: dict
 
 
+class _Prefix:
+    """The first `length` examples of a random-access source (keeps its other attributes)."""
+
+    def __init__(self, source, length: int):
+        self._source, self._length = source, length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} out of range for {self._length} examples")
+        return self._source[index]
+
+    def __getattr__(self, name: str):
+        return getattr(self._source, name)
+
+
 def _mesh_context(mesh: Mesh, rules):
     """Mesh + logical-axis rules for tracing: activation constraints in the model resolve against them."""
     class _Context:
@@ -86,9 +104,14 @@ class Trainer:
 
         data = config.data
         self.train_source = pipeline.make_source(
-            data.name, data.train_split, seed=config.seed, image_size=data.image_size, data_dir=data.data_dir or None)
+            data.name, data.train_split, seed=data.seed, image_size=data.image_size, data_dir=data.data_dir or None)
+        if data.train_examples > 0:
+            if data.train_examples > len(self.train_source):
+                raise ValueError(f"config.data.train_examples={data.train_examples} exceeds the "
+                                 f"{len(self.train_source)} examples of split {data.train_split!r}")
+            self.train_source = _Prefix(self.train_source, data.train_examples)
         self.eval_source = pipeline.make_source(
-            data.name, data.eval_split, seed=config.seed, image_size=data.image_size, data_dir=data.data_dir or None)
+            data.name, data.eval_split, seed=data.seed, image_size=data.image_size, data_dir=data.data_dir or None)
         self.train_loader = pipeline.TrainLoader(
             self.train_source, global_batch_size=config.batch_size, seed=config.seed,
             image_size=data.image_size, augment=data.augment,

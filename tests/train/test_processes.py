@@ -66,8 +66,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     # The resumed run logged the same losses as the straight run for the steps it recomputed.
-    straight_loss = {r["step"]: r["train/loss"] for r in read_jsonl(straight / "metrics.jsonl")}
-    for record in read_jsonl(killed / "metrics.jsonl"):
+    straight_loss = {r["step"]: r["train/loss"] for r in read_jsonl(straight / "metrics.jsonl") if "train/loss" in r}
+    for record in filter(lambda r: "train/loss" in r, read_jsonl(killed / "metrics.jsonl")):
         assert record["train/loss"] == straight_loss[record["step"]]
 
 
@@ -113,4 +113,4 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5)
     a, b = restored_params(str(one), 6), restored_params(str(two), 6)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)

@@ -42,15 +42,17 @@ def run_steps(trainer, num_steps):
 
 
 def test_short_run_lowers_the_loss(tmp_path):
-    trainer = Trainer(tiny_config(total_steps=40, eval_every=0, checkpoint_every=40), str(tmp_path))
-    before = trainer.evaluate(trainer.initial_state().params)
+    # 64 fixed images without augmentation: 40 steps must fit them (the full data set needs far longer).
+    trainer = Trainer(tiny_config(total_steps=40, eval_every=20, checkpoint_every=40, data__train_examples=64,
+                                  data__augment=False, model__variant="Ti/8", model__depth=2,
+                                  model__drop_path_rate=0.0, optimizer__warmup_steps=2), str(tmp_path))
     result = trainer.run()
-    after = result.eval_metrics
-    assert after["loss"] < 0.9 * before["loss"], (before, after)
-    assert after["accuracy"] > before["accuracy"]
     records = [json.loads(line) for line in open(result.paths["metrics"])]
+    train_losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert [r["step"] for r in records if "train/loss" in r] == list(range(5, 41, 5))
-    assert any("eval/accuracy" in r for r in records)
+    assert train_losses[-1] < 0.5 * train_losses[0], train_losses
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [20, 40]
+    assert 0.0 <= result.eval_metrics["accuracy"] <= 1.0 and np.isfinite(result.eval_metrics["loss"])
     assert os.listdir(result.paths["tensorboard"]), "no TensorBoard event file"
     assert any(name.endswith(".png") for name in os.listdir(result.paths["images"]))
     assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() == 40
@@ -95,6 +97,7 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
 
 def test_restore_onto_another_mesh(tmp_path):
     writer = Trainer(tiny_config(total_steps=3, checkpoint_every=3, eval_every=0, num_visualize=0,
+                                 optimizer__warmup_steps=1,
                                  mesh__data=1, mesh__fsdp=8), str(tmp_path))
     writer.run()
     saved = jax.device_get(writer.state.params)
