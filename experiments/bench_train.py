@@ -1,6 +1,6 @@
 """Train-step throughput: maskjax (JAX, jit) vs. a PyTorch timm ViT of identical shape, on the same CPU.
 
-Command (one-time set-up, then the benchmark; about 15 minutes on 2 CPU cores):
+Command (one-time set-up, then the benchmark; about 10 minutes on 2 busy CPU cores):
   bash experiments/setup_bench.sh                       # creates/updates .venv-bench (maskjax + CPU torch + timm)
   .venv-bench/bin/python experiments/bench_train.py     # writes experiments/results/train_throughput.{md,json}
 
@@ -20,6 +20,11 @@ Method: each framework configuration runs in its own long-lived worker process (
 XLA flags); after compilation and warm-up the parent asks the workers in turn, round-robin with a rotating start,
 for `--steps` timed steps; each round gives one images/s figure per configuration, and the report uses the median
 over `--rounds` rounds. Idle workers block on a pipe, so only one configuration computes at a time.
+
+Ratios: maskjax / timm compares the default configurations (`maskjax`: no XLA flags; `timm`:
+torch.set_num_threads(2)); best / best compares the fastest maskjax configuration with the fastest timm
+configuration of the run, which is the fair number on a shared machine. Per-round ratios (the two configurations
+ran back to back) are reported beside the ratio of medians.
 
 The maskjax step is the trainer's own jitted step (`maskjax.train.trainer.Trainer(...).train_step`, donated state),
 when the trainer can be built; otherwise (`--jax-step=equivalent`, or `auto` with no importable trainer) a faithful
@@ -65,7 +70,9 @@ CONFIGURATIONS = {
                                "env": {"OMP_WAIT_POLICY": "PASSIVE"}}),
     "timm-1thread+compile": ("torch", {"threads": 1, "fused_adamw": True, "compile": True}),
 }
-DEFAULT_CONFIGURATIONS = "maskjax,timm"
+# maskjax as users run it; timm with torch.set_num_threads(2) (the brief's setting), and the two torch settings
+# that hold up best on a 2-core machine shared with other jobs (see the report's notes).
+DEFAULT_CONFIGURATIONS = "maskjax,timm,timm+passive,timm-1thread"
 
 
 # ------------------------------------------------------------------------------------------------------ workers
@@ -358,6 +365,11 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
+def per_round_ratios(numerator: dict, denominator: dict) -> list[float]:
+    """images/s ratio per round: the two ran minutes apart at most, so slow drifts in machine load cancel."""
+    return [a / b for a, b in zip(numerator["images_per_second_rounds"], denominator["images_per_second_rounds"])]
+
+
 def summarize(name: str, rounds: list[dict], batch_size: int) -> dict:
     per_round = [batch_size * len(r["times"]) / sum(r["times"]) for r in rounds]
     step_times = sorted(t for r in rounds for t in r["times"])
@@ -388,7 +400,9 @@ def write_report(result: dict, path_stem: str) -> None:
            f"{min(result['ratio_per_round']):.2f}-{max(result['ratio_per_round']):.2f})"
            if result.get("ratio_per_round") else "")
         + (f"; best maskjax configuration / best timm configuration: {result['ratio_best']:.2f}x "
-           f"({result['best']['jax']} / {result['best']['torch']})." if result.get("ratio_best") else "."),
+           f"({result['best']['jax']} / {result['best']['torch']}; median of per-round ratios "
+           f"{result['ratio_best_per_round_median']:.2f}x, range {min(result['ratio_best_per_round']):.2f}-"
+           f"{max(result['ratio_best_per_round']):.2f})." if result.get("ratio_best") else "."),
         "",
         "| configuration | framework | images/s (median) | min-max over rounds | median step (s) | parameters |"
         " build+compile (s) |",
@@ -419,9 +433,9 @@ def write_report(result: dict, path_stem: str) -> None:
         lines += ["", f"maskjax step timed: `{jax_rows[0]['info']['step_source']}`"
                   + (f" (trainer not importable: {jax_rows[0]['info']['trainer_unavailable']})"
                      if jax_rows[0]['info'].get('trainer_unavailable') else "") + "."]
-    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for row in result["configurations"].values()
-                                          for k, v in row["info"]["versions"].items() if v) + "."]
-    lines += ["", __doc__.split("\n\n", 1)[1].split("\n\nThe maskjax step")[0]]
+    versions = {k: v for row in result["configurations"].values() for k, v in row["info"]["versions"].items() if v}
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
+    lines += ["", "Model: " + __doc__.split("\nModel: ", 1)[1].split("\n\nThe maskjax step")[0]]
     if result.get("notes"):
         lines += ["", "## Notes", "", result["notes"]]
     with open(path_stem + ".md", "w") as f:
@@ -478,17 +492,22 @@ def parent_main(args) -> None:
         return max(rows, key=lambda n: rows[n]["images_per_second_median"]) if rows else None
 
     best_names = {"jax": best("jax"), "torch": best("torch")}
-    ratio = ratio_best = paired = None
+    ratio = ratio_best = paired = paired_best = None
     if "maskjax" in configurations and "timm" in configurations:
         ratio = configurations["maskjax"]["images_per_second_median"] / configurations["timm"][
             "images_per_second_median"]
         # Rounds are adjacent in time, so a per-round ratio cancels slow drifts in the machine's load.
-        paired = [j / t for j, t in zip(configurations["maskjax"]["images_per_second_rounds"],
-                                        configurations["timm"]["images_per_second_rounds"])]
+        paired = per_round_ratios(configurations["maskjax"], configurations["timm"])
     if best_names["jax"] and best_names["torch"]:
         ratio_best = (configurations[best_names["jax"]]["images_per_second_median"]
                       / configurations[best_names["torch"]]["images_per_second_median"])
-    command = "experiments/bench_train.py " + " ".join(a for a in sys.argv[1:])
+        paired_best = per_round_ratios(configurations[best_names["jax"]], configurations[best_names["torch"]])
+    command = "experiments/bench_train.py " + " ".join(a for a in sys.argv[1:]
+                                                       if not a.startswith(("--notes", "--out")))
+    notes = args.notes
+    if args.notes_file:
+        with open(args.notes_file) as f:
+            notes = (notes + "\n\n" if notes else "") + f.read().strip()
     result = {
         "command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_info(),
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after],
@@ -499,7 +518,9 @@ def parent_main(args) -> None:
         "params": params, "params_equal": len(set(params.values())) == 1,
         "ratio": ratio if ratio is not None else ratio_best, "ratio_best": ratio_best, "best": best_names,
         "ratio_per_round": paired, "ratio_per_round_median": statistics.median(paired) if paired else None,
-        "configurations": configurations, "failed": failed, "notes": args.notes,
+        "ratio_best_per_round": paired_best,
+        "ratio_best_per_round_median": statistics.median(paired_best) if paired_best else None,
+        "configurations": configurations, "failed": failed, "notes": notes,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     write_report(result, args.out)
@@ -512,14 +533,16 @@ def parse_args(argv=None):
     parser.add_argument("--configs", default=DEFAULT_CONFIGURATIONS,
                         help=f"comma-separated configurations from {list(CONFIGURATIONS)}")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per configuration")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per configuration")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     parser.add_argument("--jax-step", choices=("auto", "trainer", "equivalent"), default="auto",
                         help="time the trainer's own step, the in-file copy, or the trainer when importable")
     parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "train_throughput"),
                         help="output path without extension (.md and .json are written)")
     parser.add_argument("--notes", default="", help="free text appended to the report")
+    parser.add_argument("--notes-file", default="", help="Markdown file appended to the report")
+    parser.add_argument("--render", default="", help="only rewrite the Markdown report from this results JSON")
     parser.add_argument("--worker", choices=tuple(CONFIGURATIONS), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -528,5 +551,8 @@ if __name__ == "__main__":
     parsed = parse_args()
     if parsed.worker:
         worker_main(parsed)
+    elif parsed.render:
+        with open(parsed.render) as f:
+            write_report(json.load(f), os.path.splitext(parsed.render)[0])
     else:
         parent_main(parsed)
