@@ -7,12 +7,12 @@ every product with it costs O(n r d) instead of O(n² d).
 
 Modes (`approx_mode`):
   lowrank    forward and backward through the low-rank kernel; the gradient is the exact gradient of the
-             approximate model (autodiff), O(n r d). Related public work: linear/Taylor attention (Based,
+             approximate model, O(n r d): autodiff at degree 2, else the Kronecker backward below at degree
+             g−1 (e_g' = e_{g-1}), which avoids the feature map's gather-heavy VJP. Related public work: linear/Taylor attention (Based,
              PolySketchFormer, Performer) — Based uses this same 2nd-order Taylor kernel.
-  exact_fwd  exact softmax forward (maskjax.attention reference, or blocked beyond 256² scores); the
-             backward is the `lowrank` gradient
-             (jax.custom_vjp): an approximate gradient of the exact model — the paper's setting. The forward
-             is O(n² d) (it is exact); the backward O(n r d).
+  exact_fwd  exact softmax forward (maskjax's dense reference, or its blocked path beyond 256² scores); the
+             backward is the `lowrank` gradient (jax.custom_vjp): an approximate gradient of the exact model —
+             the paper's setting. The forward is O(n² d) (it is exact); the backward O(n r d).
   paper      forward as `lowrank`; backward with the paper's formula: dS = P̃ ∘ (dO Vᵀ − δ 1ᵀ), contracted with
              the row-wise Kronecker factors [phi(k) ⊗ (v, 1)] of rank r(d+1), O(n r d²). Because it uses the
              kernel value (∂exp(t)/∂t = exp(t)) instead of the derivative of the polynomial (e_g' = e_{g-1}),
@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskjax.attention.approx_features import feature_rank, taylor_exp, taylor_features
 from maskjax.attention import masks
+from maskjax.attention.approx_features import feature_rank, taylor_exp, taylor_features
 from maskjax.attention.blocked import blocked_attention
 from maskjax.attention.reference import reference_attention
 
@@ -128,6 +128,9 @@ class _Forward(NamedTuple):
     band_kernel: Optional[jax.Array]  # [G, nb, c, len(offsets)*c] kernel values (incl. exp(-m_i)), 0 if not allowed
     band_k: Optional[jax.Array]  # [G, nb, len(offsets)*c, d]
     band_v: Optional[jax.Array]
+    band_logits: Optional[jax.Array]  # [G, nb, c, len(offsets)*c]
+    band_approx: Optional[jax.Array]  # [nb, c, len(offsets)*c] or broadcastable: pairs with the polynomial kernel
+    row_shift: jax.Array  # [G, nb, c] the exp(-m_i) stabiliser
 
 
 def _forward(qs: jax.Array, ks: jax.Array, v: jax.Array, valid: jax.Array, cfg: _Config) -> _Forward:
@@ -150,7 +153,7 @@ def _forward(qs: jax.Array, ks: jax.Array, v: jax.Array, valid: jax.Array, cfg: 
 
     offsets = _band_offsets(cfg, nb)
     m = max(offsets, default=0)
-    band_kernel = band_k = band_v = None
+    band_kernel = band_k = band_v = logits = approx = None
     num = jnp.zeros(q_blocks.shape[:-1] + v.shape[-1:], jnp.float32)
     den = jnp.zeros(q_blocks.shape[:-1], jnp.float32)
     row_shift = jnp.zeros(q_blocks.shape[:-1], jnp.float32)
@@ -188,7 +191,8 @@ def _forward(qs: jax.Array, ks: jax.Array, v: jax.Array, valid: jax.Array, cfg: 
     den = den + jnp.einsum("gbqr,gbr->gbq", fq_scaled, state_1)
     # Even degrees make every kernel value positive, so den > 0 unless the row has no allowed key.
     out = num / jnp.where(den > 0, den, 1.0)[..., None]
-    return _Forward(out, den, fq_scaled, fk, q_blocks, k_blocks, v_blocks, band_kernel, band_k, band_v)
+    return _Forward(out, den, fq_scaled, fk, q_blocks, k_blocks, v_blocks, band_kernel, band_k, band_v, logits,
+                    approx, row_shift)
 
 
 def _unblock(x: jax.Array, n: int) -> jax.Array:
@@ -199,7 +203,7 @@ def _lowrank(qs, ks, v, valid, cfg: _Config) -> jax.Array:
     return _unblock(_forward(qs, ks, v, valid, cfg).out, qs.shape[1])
 
 
-# ----------------------------------------------------------------------------------------------- exact_fwd
+# ----------------------------------------------------------------------------------------------- backward
 
 
 def _exact(qs, ks, v, valid, cfg: _Config) -> jax.Array:
@@ -217,87 +221,118 @@ def _exact(qs, ks, v, valid, cfg: _Config) -> jax.Array:
     return blocked_attention(q4, k4, v4, mask, scale=1.0)[:, :, 0]
 
 
+def _kronecker_bwd(cfg: _Config, qs, ks, v, valid, cot, grad_degree: int):
+    """Gradients of the low-rank attention without autodiff through the features, O(n r' d²).
+
+    With weights W_ij (kernel values / den_i) and P̃_ij = φ̃(q_i)·φ(k_j)/den_i (degree g),
+      dv_j = Σ_i P̃_ij dO_i,    d logit_ij = W_ij (dO_i·v_j − δ_i),   δ_i = dO_i·Õ_i,
+    and dq_i = Σ_j d logit_ij k_j, dk_j = Σ_i d logit_ij q_i. The kernel of W decides what is computed:
+      grad_degree = g      W = P̃: the paper's formula (∂e^t/∂t = e^t), an approximation of the exact gradient
+                           that is one degree more accurate for dq, dk;
+      grad_degree = g − 1  W uses e_{g-1} = e_g' on low-rank pairs: exactly the gradient of the low-rank model
+                           (what autodiff would give), without the feature map's VJP.
+    For low-rank (far) pairs, with a'_i = (dO_i, −δ_i)/den_i, w_j = (v_j, 1) and ψ the degree-`grad_degree`
+    features, dq_i = Σ_{a,c} ψ̃(q_i)_a a'_ic T[a, c, :] with T = Σ_j ψ(k_j)_a w_jc k_j — a contraction with the
+    rank r'(d+1) row-wise Kronecker factors ψ ⊗ w (the paper's rank r(d+1)); likewise for dk. Band pairs
+    (inside the diagonal block / window) are done densely per block.
+    """
+    fw = _forward(qs, ks, v, valid, cfg)
+    nq, nk = qs.shape[1], ks.shape[1]
+    nb, c = fw.q_blocks.shape[1], fw.q_blocks.shape[2]
+    offsets = _band_offsets(cfg, nb)
+    m = max(offsets, default=0)
+    d_out = _to_blocks(cot.astype(jnp.float32), nb, c)
+    safe_den = jnp.where(fw.den > 0, fw.den, 1.0)
+    delta = jnp.sum(d_out * fw.out, axis=-1)
+    a_v = d_out / safe_den[..., None]  # [G, nb, c, dv]
+    a_full = jnp.concatenate([a_v, (-delta / safe_den)[..., None]], axis=-1)  # a'
+    w_full = jnp.concatenate([fw.v_blocks, jnp.ones_like(fw.v_blocks[..., :1])], axis=-1)  # w
+
+    if grad_degree == cfg.degree:
+        psi_q, psi_k = fw.fq_scaled, fw.fk
+    else:
+        valid_blocks = _to_blocks(valid, fw.k_blocks.shape[1], fw.k_blocks.shape[2])
+        psi_q = taylor_features(fw.q_blocks, grad_degree) * jnp.exp(-fw.row_shift)[..., None]
+        psi_k = taylor_features(fw.k_blocks, grad_degree) * valid_blocks[..., None]
+
+    # Far part, queries: T over keys, gathered per query block.
+    t_keys = _far_of_query_block(jnp.einsum("gbkr,gbkc,gbkd->gbrcd", psi_k, w_full, fw.k_blocks), cfg, m)
+    r, cdim, d = t_keys.shape[-3:]
+    proj = jnp.einsum("gbqr,gbrx->gbqx", psi_q, t_keys.reshape(t_keys.shape[:-3] + (r, cdim * d)))
+    dq = jnp.einsum("gbqc,gbqcd->gbqd", a_full, proj.reshape(proj.shape[:-1] + (cdim, d)))
+
+    # Far part, keys and values: states over queries, gathered per key block.
+    t_queries = _far_of_key_block(jnp.einsum("gbqr,gbqc,gbqd->gbrcd", psi_q, a_full, fw.q_blocks), cfg, m)
+    proj_k = jnp.einsum("gbkr,gbrx->gbkx", psi_k, t_queries.reshape(t_queries.shape[:-3] + (r, cdim * d)))
+    dk = jnp.einsum("gbkc,gbkcd->gbkd", w_full, proj_k.reshape(proj_k.shape[:-1] + (cdim, d)))
+    u_queries = _far_of_key_block(jnp.einsum("gbqr,gbqd->gbrd", fw.fq_scaled, a_v), cfg, m)
+    dv = jnp.einsum("gbkr,gbrd->gbkd", fw.fk, u_queries)
+
+    if offsets:
+        p_band = fw.band_kernel / safe_den[..., None]  # P̃ on the band
+        if grad_degree == cfg.degree:
+            w_band = p_band
+        else:  # exact pairs keep exp (their part of band_kernel); polynomial pairs use e_{g-1}
+            deriv = jnp.where(fw.band_approx, taylor_exp(jnp.where(fw.band_approx, fw.band_logits, 0.0), grad_degree)
+                              * jnp.exp(-fw.row_shift)[..., None], 0.0)
+            w_band = jnp.where(fw.band_approx, deriv, fw.band_kernel) / safe_den[..., None]
+        d_logits = w_band * (jnp.einsum("gbqd,gbkd->gbqk", d_out, fw.band_v) - delta[..., None])
+        dq = dq + jnp.einsum("gbqk,gbkd->gbqd", d_logits, fw.band_k)
+        dk_band = jnp.einsum("gbqk,gbqd->gbkd", d_logits, fw.q_blocks)
+        dv_band = jnp.einsum("gbqk,gbqd->gbkd", p_band, d_out)
+        for idx, o in enumerate(offsets):  # band slot o of query block b is key block b − o
+            dk = dk + _shift(dk_band[:, :, idx * c:(idx + 1) * c], -o)
+            dv = dv + _shift(dv_band[:, :, idx * c:(idx + 1) * c], -o)
+
+    return _unblock(dq, nq), _unblock(dk, nk), _unblock(dv, nk), jnp.zeros_like(valid)
+
+
+def _make_core(forward, grad_degree_offset: int):
+    """custom_vjp (qs, ks, v, valid) -> out with `forward` and the Kronecker backward at degree g + offset."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def core(qs, ks, v, valid, cfg: _Config):
+        return forward(qs, ks, v, valid, cfg)
+
+    def core_fwd(qs, ks, v, valid, cfg):
+        return forward(qs, ks, v, valid, cfg), (qs, ks, v, valid)
+
+    def core_bwd(cfg, residuals, cot):
+        return _kronecker_bwd(cfg, *residuals, cot, cfg.degree + grad_degree_offset)
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
+
+
+# lowrank and exact_fwd's backward: the exact gradient of the low-rank model, by one of two equal routes (both
+# tested against autodiff of the dense polynomial model). Autodiff through the features is cheapest when the
+# feature map's VJP is a short unrolled chain (degree 2); beyond that the VJP gathers r_{g-1}·d elements per row
+# and the Kronecker backward at degree g−1 (more flops, but matmuls) is several times faster on CPU.
+_lowrank_kron_core = _make_core(_lowrank, -1)
+_exact_fwd_kron_core = _make_core(_exact, -1)
+# paper: low-rank forward, the paper's gradient formula.
+_paper_core = _make_core(_lowrank, 0)
+
+
+def _autodiff_is_cheaper(cfg: _Config, head_dim: int) -> bool:
+    return cfg.degree == 2 and head_dim <= 64
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _exact_fwd_core(qs, ks, v, valid, cfg: _Config):
+def _exact_fwd_autodiff_core(qs, ks, v, valid, cfg: _Config):
     return _exact(qs, ks, v, valid, cfg)
 
 
-def _exact_fwd_fwd(qs, ks, v, valid, cfg):
+def _exact_fwd_autodiff_fwd(qs, ks, v, valid, cfg):
     return _exact(qs, ks, v, valid, cfg), (qs, ks, v, valid)
 
 
-def _exact_fwd_bwd(cfg, residuals, cot):
+def _exact_fwd_autodiff_bwd(cfg, residuals, cot):
     qs, ks, v, valid = residuals
     _, pullback = jax.vjp(lambda a, b, c: _lowrank(a, b, c, valid, cfg), qs, ks, v)
     return pullback(cot) + (jnp.zeros_like(valid),)
 
 
-_exact_fwd_core.defvjp(_exact_fwd_fwd, _exact_fwd_bwd)
-
-
-# ----------------------------------------------------------------------------------------------- paper
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _paper_core(qs, ks, v, valid, cfg: _Config):
-    return _lowrank(qs, ks, v, valid, cfg)
-
-
-def _paper_fwd(qs, ks, v, valid, cfg):
-    return _lowrank(qs, ks, v, valid, cfg), (qs, ks, v, valid)
-
-
-def _paper_bwd(cfg, residuals, cot):
-    """dL_ij = P̃_ij (dO_i·v_j − δ_i) for every allowed pair, contracted without forming the n×n matrix.
-
-    Far (low-rank) pairs: P̃_ij = φ̃(q_i)·φ(k_j)/den_i, so with a'_i = (dO_i, −δ_i)/den_i and w_j = (v_j, 1),
-      dq_i = Σ_j (φ̃(q_i)·φ(k_j))(a'_i·w_j) k_j = Σ_{a,c} φ̃(q_i)_a a'_ic T[a, c, :],  T = Σ_j φ(k_j)_a w_jc k_j,
-    a contraction with the rank r(d+1) row-wise Kronecker factors φ ⊗ w, O(n r d²); likewise for dk.
-    Band pairs (exact or polynomial kernel inside the window) are done densely per block.
-    """
-    qs, ks, v, valid = residuals
-    fw = _forward(qs, ks, v, valid, cfg)
-    nq, nk = qs.shape[1], ks.shape[1]
-    offsets = _band_offsets(cfg, fw.q_blocks.shape[1])
-    m = max(offsets, default=0)
-    d_out = _to_blocks(cot.astype(jnp.float32), fw.q_blocks.shape[1], fw.q_blocks.shape[2])
-    safe_den = jnp.where(fw.den > 0, fw.den, 1.0)
-    delta = jnp.sum(d_out * fw.out, axis=-1)
-    a_v = d_out / safe_den[..., None]  # [G, nb, c, dv]
-    a_1 = -delta / safe_den  # [G, nb, c]
-    a_full = jnp.concatenate([a_v, a_1[..., None]], axis=-1)  # a'
-    w_full = jnp.concatenate([fw.v_blocks, jnp.ones_like(fw.v_blocks[..., :1])], axis=-1)  # w
-
-    # Far part, queries: T over keys, gathered per query block.
-    t_keys = jnp.einsum("gbkr,gbkc,gbkd->gbrcd", fw.fk, w_full, fw.k_blocks)
-    t_keys = _far_of_query_block(t_keys, cfg, m)
-    r, cdim, d = t_keys.shape[-3:]
-    t_keys = t_keys.reshape(t_keys.shape[:-3] + (r, cdim * d))
-    proj = jnp.einsum("gbqr,gbrx->gbqx", fw.fq_scaled, t_keys)
-    dq = jnp.einsum("gbqc,gbqcd->gbqd", a_full, proj.reshape(proj.shape[:-1] + (cdim, d)))
-
-    # Far part, keys and values: states over queries, gathered per key block.
-    t_queries = _far_of_key_block(jnp.einsum("gbqr,gbqc,gbqd->gbrcd", fw.fq_scaled, a_full, fw.q_blocks), cfg, m)
-    u_queries = _far_of_key_block(jnp.einsum("gbqr,gbqd->gbrd", fw.fq_scaled, a_v), cfg, m)
-    proj_k = jnp.einsum("gbkr,gbrx->gbkx", fw.fk, t_queries.reshape(t_queries.shape[:-3] + (r, cdim * d)))
-    dk = jnp.einsum("gbkc,gbkcd->gbkd", w_full, proj_k.reshape(proj_k.shape[:-1] + (cdim, d)))
-    dv = jnp.einsum("gbkr,gbrd->gbkd", fw.fk, u_queries)
-
-    if offsets:
-        weights = fw.band_kernel / safe_den[..., None]  # P̃ on the band
-        d_logits = weights * (jnp.einsum("gbqd,gbkd->gbqk", d_out, fw.band_v) - delta[..., None])
-        dq = dq + jnp.einsum("gbqk,gbkd->gbqd", d_logits, fw.band_k)
-        dk_band = jnp.einsum("gbqk,gbqd->gbkd", d_logits, fw.q_blocks)
-        dv_band = jnp.einsum("gbqk,gbqd->gbkd", weights, d_out)
-        c = fw.q_blocks.shape[2]
-        for idx, o in enumerate(offsets):  # band slot o of query block b is key block b − o
-            dk = dk + _shift(dk_band[:, :, idx * c:(idx + 1) * c], -o)
-            dv = dv + _shift(dv_band[:, :, idx * c:(idx + 1) * c], -o)
-
-    return (_unblock(dq, nq), _unblock(dk, nk), _unblock(dv, nk), jnp.zeros_like(valid))
-
-
-_paper_core.defvjp(_paper_fwd, _paper_bwd)
+_exact_fwd_autodiff_core.defvjp(_exact_fwd_autodiff_fwd, _exact_fwd_autodiff_bwd)
 
 
 # ----------------------------------------------------------------------------------------------- public entry
@@ -388,10 +423,11 @@ def approx_attention(
     blocked = causal or window is not None
     cfg = _Config(int(degree), bool(causal), None if window is None else int(window),
                   int(min(block_size, q_len)) if blocked else k_len, blocked, mask is not None)
+    autodiff = _autodiff_is_cheaper(cfg, head_dim)
     if approx_mode == "lowrank":
-        out = _lowrank(qs, ks, vf, valid_g, cfg)
+        out = (_lowrank if autodiff else _lowrank_kron_core)(qs, ks, vf, valid_g, cfg)
     elif approx_mode == "exact_fwd":
-        out = _exact_fwd_core(qs, ks, vf, valid_g, cfg)
+        out = (_exact_fwd_autodiff_core if autodiff else _exact_fwd_kron_core)(qs, ks, vf, valid_g, cfg)
     else:
         out = _paper_core(qs, ks, vf, valid_g, cfg)
     out = jnp.swapaxes(out.reshape(batch, heads, q_len, v.shape[-1]), 1, 2)

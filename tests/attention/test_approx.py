@@ -70,17 +70,20 @@ CASES = {
     "causal_hybrid": dict(causal=True, window=11, block_size=8),
     "bidir_hybrid": dict(window=6, block_size=4),
     "padding_gqa": dict(kv_heads=1, padding=True),
+    # Degree 4: lowrank / exact_fwd take the Kronecker backward at degree 3 instead of autodiff.
+    "causal_hybrid_g4": dict(causal=True, window=11, block_size=8, degree=4),
+    "global_g4_padding": dict(degree=4, padding=True),
 }
 
 
 @functools.lru_cache(maxsize=None)
 def case_results(name):
     kw = dict(CASES[name])
-    kv_heads, padding = kw.pop("kv_heads", 2), kw.pop("padding", False)
+    kv_heads, padding, degree = kw.pop("kv_heads", 2), kw.pop("padding", False), kw.pop("degree", 2)
     n = 29
     q, k, v, d_out = sphere_inputs(jax.random.key(0), 2, n, 2, 4, 2.0, kv_heads)
     key_valid = (jnp.arange(n)[None, :] < jnp.array([[n - 5], [n]])) if padding else None
-    return run_case(kw, q, k, v, d_out, 2, key_valid)
+    return run_case(kw, q, k, v, d_out, degree, key_valid)
 
 
 @pytest.mark.parametrize("name", list(CASES))
