@@ -415,22 +415,24 @@ def approx_attention(
         k = jnp.repeat(k, heads // kv_heads, axis=2)
         v = jnp.repeat(v, heads // kv_heads, axis=2)
 
-    def fold(x):  # [batch, seq, heads, dim] -> [batch*heads, seq, dim]
-        return jnp.swapaxes(x.astype(jnp.float32), 1, 2).reshape(batch * heads, x.shape[1], x.shape[3])
+    def heads_major(x):  # [batch, seq, heads, dim] -> [heads, batch, seq, dim]; batch becomes the engine's G
+        return jnp.transpose(x.astype(jnp.float32), (2, 0, 1, 3))
 
-    qs, ks, vf = fold(q) * root, fold(k) * root, fold(v)
-    valid_g = jnp.repeat(valid, heads, axis=0)
+    qs, ks, vf = heads_major(q) * root, heads_major(k) * root, heads_major(v)
     blocked = causal or window is not None
     cfg = _Config(int(degree), bool(causal), None if window is None else int(window),
                   int(min(block_size, q_len)) if blocked else k_len, blocked, mask is not None)
     autodiff = _autodiff_is_cheaper(cfg, head_dim)
     if approx_mode == "lowrank":
-        out = (_lowrank if autodiff else _lowrank_kron_core)(qs, ks, vf, valid_g, cfg)
+        core = _lowrank if autodiff else _lowrank_kron_core
     elif approx_mode == "exact_fwd":
-        out = (_exact_fwd_autodiff_core if autodiff else _exact_fwd_kron_core)(qs, ks, vf, valid_g, cfg)
+        core = _exact_fwd_autodiff_core if autodiff else _exact_fwd_kron_core
     else:
-        out = _paper_core(qs, ks, vf, valid_g, cfg)
-    out = jnp.swapaxes(out.reshape(batch, heads, q_len, v.shape[-1]), 1, 2)
+        core = _paper_core
+    # vmap over heads instead of folding heads into the batch: a reshape merging a batch axis sharded over
+    # 'data' with a heads axis sharded over 'model' would make XLA gather the heads back.
+    out = jax.vmap(lambda a, b, c: core(a, b, c, valid, cfg))(qs, ks, vf)  # [heads, batch, q_len, dv]
+    out = jnp.transpose(out, (1, 2, 0, 3))
     return out.astype(q.dtype)
 
 
