@@ -29,9 +29,11 @@ from maskjax.attention import block_map as bmap
 from maskjax.attention.masks import Full, Mask, as_mask
 from maskjax.attention.score_mods import ScoreMod, as_score_mod
 
-# Per (batch, head) and chunk: the score tile stack has at most this many elements (a few temporaries
-# of this size live at once).
-_CHUNK_ELEMS = 1 << 20
+# Per (batch, head) and chunk: the score tile stack has at most this many elements. Small chunks (8-16
+# tiles of 128x128 / 64x64) keep the working set in cache: measured fastest on CPU.
+_CHUNK_ELEMS = 1 << 17
+# Largest number of partial-tile mask elements evaluated at trace time for the deduplicated table.
+_TABLE_ELEMS = 1 << 26
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -39,8 +41,9 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _static_phases(bm: bmap.BlockMap, chunk: int):
-    """Pair lists for a static block map: (partial phase, full phase), each (q, k, kind) int arrays
-    [Bm, Hm, n_chunks * chunk] padded with EMPTY pairs, or None if the phase is empty."""
+    """Pair lists for a static block map: (partial phase, full phase), each (q, k, kind, chunk, window):
+    int arrays [Bm, Hm, n_chunks * chunk] padded with EMPTY pairs, the chunk size, and the largest span
+    of query blocks inside one chunk (the accumulator window a chunk updates); None if empty."""
     kind = np.asarray(bm.kind)
     n_b, n_h, nq, nk = kind.shape
     flat = kind.reshape(n_b, n_h, nq * nk)
@@ -66,8 +69,44 @@ def _static_phases(bm: bmap.BlockMap, chunk: int):
         pq = (idx // nk).astype(np.int32)
         pk = (idx % nk).astype(np.int32)
         pkind = np.where(valid, want, bmap.EMPTY).astype(np.int8)
-        phases.append((pq, pk, pkind, c))
+        per_chunk = pq.reshape(n_b, n_h, n_chunks, c)
+        window = int((per_chunk[..., -1] - per_chunk[..., 0]).max()) + 1
+        phases.append((pq, pk, pkind, c, window))
     return phases
+
+
+def _partial_tile_table(mask_p, pq, pk, bq: int, bk: int, k_len: int, max_elems: int):
+    """Evaluate a static mask on its partial tiles once (trace time) and deduplicate them.
+
+    pq, pk: int [Bm, Hm, T] partial pairs. Returns (table bool [U, bq, bk], index int32 [Bm, Hm, T]) or
+    None when the tiles would exceed max_elems elements."""
+    n_b, n_h, t = pq.shape
+    if n_b * n_h * t * bq * bk > max_elems:
+        return None
+
+    def tiles(mask_p, pq, pk):
+        def one(b, h, pq_bh, pk_bh):
+            sel = mask_p.select(b, h)
+
+            def tile(i, j):
+                q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
+                kv_idx = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
+                m = sel.slice_blocks(i * bq, bq, j * bk, bk).evaluate(b, h, q_idx, kv_idx)
+                return m & (kv_idx < k_len)
+
+            return jax.lax.map(lambda ij: tile(*ij), (pq_bh, pk_bh), batch_size=256)
+
+        bs, hs = jnp.arange(n_b, dtype=jnp.int32), jnp.arange(n_h, dtype=jnp.int32)
+        return jax.vmap(jax.vmap(one, in_axes=(None, 0, 0, 0)), in_axes=(0, None, 0, 0))(bs, hs, pq, pk)
+
+    with jax.ensure_compile_time_eval():
+        dense = np.asarray(jax.jit(tiles)(mask_p, jnp.asarray(pq), jnp.asarray(pk)))
+    packed = np.packbits(dense.reshape(n_b * n_h * t, bq * bk), axis=1)
+    uniq, inverse = np.unique(packed, axis=0, return_inverse=True)
+    if uniq.shape[0] * bq * bk > max_elems // 4:
+        return None
+    table = np.unpackbits(uniq, axis=1, count=bq * bk).astype(bool).reshape(-1, bq, bk)
+    return table, inverse.reshape(n_b, n_h, t).astype(np.int32)
 
 
 def _leaf_axes(tree, axis: int):
@@ -105,11 +144,12 @@ class _Config:
     def __init__(self, scale, bq, bk, q_len, k_len, nq, nk, phases_meta, traced_chunk):
         self.scale, self.bq, self.bk = scale, bq, bk
         self.q_len, self.k_len, self.nq, self.nk = q_len, k_len, nq, nk
-        self.phases_meta = phases_meta  # tuple of (evaluate_mask: bool, chunk: int, dynamic: bool)
+        self.phases_meta = phases_meta  # tuple of (mask mode 'eval'|'table'|'none', chunk, dynamic)
         self.traced_chunk = traced_chunk
+        self.table = None  # numpy bool [U, bq, bk]: distinct partial tiles (mode 'table')
 
 
-def _tile_scores(cfg, q_bh, k_bh, pq, pk, b, h, mod_sel, mask_sel, pkind, evaluate_mask):
+def _tile_scores(cfg, q_bh, k_bh, pq, pk, b, h, mod_sel, mask_sel, pkind, tidx, mask_mode):
     """Scores [C, bq, bk] (masked entries -inf) of the pairs (pq, pk) for one (b, h); also returns
     the raw scores and a closure for the score-mod VJP."""
     bq, bk = cfg.bq, cfg.bk
@@ -127,7 +167,10 @@ def _tile_scores(cfg, q_bh, k_bh, pq, pk, b, h, mod_sel, mask_sel, pkind, evalua
         return jax.vmap(one)(s, pq * bq, pk * bk, q_idx, kv_idx)
 
     s = raw if mod_sel is None else modify(mod_sel, raw)
-    if evaluate_mask:
+    if mask_mode == "table":
+        # Static partial tiles, evaluated once at trace time and deduplicated (padding keys included).
+        allowed = jnp.asarray(cfg.table)[tidx] & (pkind != bmap.EMPTY)[:, None, None]
+    elif mask_mode == "eval":
         def ev(qs, ks, qi_c, ki_c):
             return mask_sel.slice_blocks(qs, bq, ks, bk).evaluate(b, h, qi_c, ki_c)
 
@@ -141,14 +184,12 @@ def _tile_scores(cfg, q_bh, k_bh, pq, pk, b, h, mod_sel, mask_sel, pkind, evalua
 
 
 def _chunk_loop(meta, arrays, count, body, init):
-    """Run body(pq, pk, pkind, carry) over chunks of the pair arrays [P]."""
-    evaluate_mask, chunk, dynamic = meta
-    pq_all, pk_all, pkind_all = arrays
-    n_chunks = pq_all.shape[0] // chunk
+    """Run body(pq, pk, pkind, tile_idx, carry) over chunks of the pair arrays [P]."""
+    _, chunk, dynamic, _ = meta
+    n_chunks = arrays[0].shape[0] // chunk
 
     def step(i, carry):
-        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk)
-        return body(sl(pq_all), sl(pk_all), sl(pkind_all), carry)
+        return body(*(jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk) for a in arrays), carry)
 
     if n_chunks == 1:
         return step(0, init)
@@ -165,6 +206,14 @@ def _chunk_loop(meta, arrays, count, body, init):
     return jax.lax.while_loop(cond, wbody, (jnp.int32(0), init))[1]
 
 
+def _window(pq, nq: int, window: int):
+    """Start of the accumulator window of a chunk (sorted q blocks) and the pairs' offsets in it."""
+    if window >= nq:
+        return jnp.int32(0), pq
+    start = jnp.clip(pq[0], 0, nq - window)
+    return start, pq - start
+
+
 def _forward_bh(cfg, b, h, trees, arrays, shared):
     """One (batch, head): returns out [nq, bq, D] (f32) and lse [nq, bq]."""
     mod_sel, mask_sel, phase_arrays, counts = trees
@@ -176,21 +225,28 @@ def _forward_bh(cfg, b, h, trees, arrays, shared):
     zero = jnp.int32(0)
     state = (m0, l0, a0, (zero, zero, zero))
     for meta, parr, cnt in zip(cfg.phases_meta, phase_arrays, counts):
-        def body(pq, pk, pkind, carry, meta=meta):
+        def body(pq, pk, pkind, tidx, carry, meta=meta):
             m, l, acc, (n_tiles, n_masked, n_slots) = carry
             live = jnp.sum(pkind != bmap.EMPTY).astype(jnp.int32)
-            stats = (n_tiles + live, n_masked + (live if meta[0] else 0), n_slots + pkind.shape[0])
-            s, _, _ = _tile_scores(cfg, q_bh, k_bh, pq, pk, b, h, mod_sel, mask_sel, pkind, meta[0])
-            row_max = jax.ops.segment_max(s.max(-1), pq, nq, indices_are_sorted=True)
-            m_new = jnp.maximum(m, row_max)
+            stats = (n_tiles + live, n_masked + (live if meta[0] != "none" else 0), n_slots + pkind.shape[0])
+            s, _, _ = _tile_scores(cfg, q_bh, k_bh, pq, pk, b, h, mod_sel, mask_sel, pkind, tidx, meta[0])
+            # Pairs are sorted by query block: the chunk only touches `window` consecutive q blocks, so
+            # the online-softmax state is read and rescaled on that window, not on all of it.
+            window = meta[3]
+            start, loc = _window(pq, nq, window)
+            cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, window)
+            m_w, l_w, acc_w = cut(m), cut(l), cut(acc)
+            row_max = jax.ops.segment_max(s.max(-1), loc, window, indices_are_sorted=True)
+            m_new = jnp.maximum(m_w, row_max)
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            alpha = jnp.exp(m - m_safe)
-            p = jnp.exp(s - m_safe[pq][:, :, None])
+            alpha = jnp.exp(m_w - m_safe)
+            p = jnp.exp(s - m_safe[loc][:, :, None])
             vb = v_bh[pk].astype(jnp.float32)
-            l = l * alpha + jax.ops.segment_sum(p.sum(-1), pq, nq, indices_are_sorted=True)
+            l_w = l_w * alpha + jax.ops.segment_sum(p.sum(-1), loc, window, indices_are_sorted=True)
             pv = jnp.einsum("cqk,ckd->cqd", p, vb)
-            acc = acc * alpha[..., None] + jax.ops.segment_sum(pv, pq, nq, indices_are_sorted=True)
-            return (m_new, l, acc, stats)
+            acc_w = acc_w * alpha[..., None] + jax.ops.segment_sum(pv, loc, window, indices_are_sorted=True)
+            put = lambda x, w: jax.lax.dynamic_update_slice_in_dim(x, w, start, 0)
+            return (put(m, m_new), put(l, l_w), put(acc, acc_w), stats)
 
         state = _chunk_loop(meta, parr, cnt, body, state)
     m, l, acc, stats = state
@@ -217,15 +273,15 @@ def _backward_bh(cfg, b, h, trees, arrays, shared):
             jnp.zeros((nk, bk, d), jnp.float32), dmod0)
     state = init
     for meta, parr, cnt in zip(cfg.phases_meta, phase_arrays, counts):
-        def body(pq, pk, pkind, carry, meta=meta):
+        def body(pq, pk, pkind, tidx, carry, meta=meta):
             dq, dk, dv, dmod = carry
-            s, raw, modify = _tile_scores(cfg, q_bh, k_bh, pq, pk, b, h, mod_sel, mask_sel, pkind, meta[0])
+            s, raw, modify = _tile_scores(cfg, q_bh, k_bh, pq, pk, b, h, mod_sel, mask_sel, pkind, tidx, meta[0])
             p = jnp.exp(s - lse[pq][:, :, None])
             do_b = dout[pq]
             vb = v_bh[pk].astype(jnp.float32)
             qb = q_bh[pq].astype(jnp.float32)
             kb = k_bh[pk].astype(jnp.float32)
-            dv = dv + jax.ops.segment_sum(jnp.einsum("cqk,cqd->ckd", p, do_b), pk, nk)
+            dv = dv.at[pk].add(jnp.einsum("cqk,cqd->ckd", p, do_b))
             dp = jnp.einsum("cqd,ckd->cqk", do_b, vb)
             ds = p * (dp - delta[pq][:, :, None])
             if mod_sel is not None:
@@ -240,8 +296,12 @@ def _backward_bh(cfg, b, h, trees, arrays, shared):
                 dfl, ds = vjp(ds)
                 dmod = [a + g.astype(jnp.float32) for a, g in zip(dmod, dfl)]
             ds = ds * cfg.scale
-            dq = dq + jax.ops.segment_sum(jnp.einsum("cqk,ckd->cqd", ds, kb), pq, nq, indices_are_sorted=True)
-            dk = dk + jax.ops.segment_sum(jnp.einsum("cqk,cqd->ckd", ds, qb), pk, nk)
+            window = meta[3]
+            start, loc = _window(pq, nq, window)
+            dq_w = jax.lax.dynamic_slice_in_dim(dq, start, window) + jax.ops.segment_sum(
+                jnp.einsum("cqk,ckd->cqd", ds, kb), loc, window, indices_are_sorted=True)
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_w, start, 0)
+            dk = dk.at[pk].add(jnp.einsum("cqk,cqd->ckd", ds, qb))
             return (dq, dk, dv, dmod)
 
         state = _chunk_loop(meta, parr, cnt, body, state)
@@ -303,6 +363,7 @@ def blocked_attention(
     block_map: Optional[bmap.BlockMap] = None,
     chunk_elems: int = _CHUNK_ELEMS,
     return_stats: bool = False,
+    tile_table: bool = True,
 ):
     """Block-sparse attention (XLA), computing only non-empty tiles of the mask's block map.
 
@@ -315,6 +376,9 @@ def blocked_attention(
       block_map: optional precomputed ``mask.block_map(q_len, k_len, block_q, block_k, ...)`` (e.g. a
         static map for a mask whose arrays are traced).
       chunk_elems: tiles per chunk = chunk_elems // (block_q * block_k).
+      tile_table: for a static mask, evaluate the partial tiles once at trace time, deduplicate them
+        and gather them in the loop instead of evaluating the mask function per tile (falls back to
+        per-tile evaluation when the tiles would be large, e.g. a big random static mask).
       return_stats: also return counters measured inside the forward loop, each int32 [batch, heads]:
         'tiles' (non-empty tiles whose scores were computed), 'masked_tiles' (tiles on which the mask
         function was evaluated), 'slots' (tile slots visited including padding).
@@ -349,15 +413,23 @@ def blocked_attention(
                          f"need {(q_len, k_len, bq, bk)}")
     chunk = max(1, chunk_elems // (bq * bk))
 
+    table = None
+    mask_p = mask_obj.padded(q_pad, k_pad)
     if block_map.is_static:
         phases = _static_phases(block_map, chunk)
         metas, arrays, counts = [], [], []
-        for evaluate, ph in zip((True, False), phases):
+        for mode, ph in zip(("eval", "none"), phases):
             if ph is None:
                 continue
-            pq, pk, pkind, c = ph
-            metas.append((evaluate, c, False))
-            arrays.append((jnp.asarray(pq), jnp.asarray(pk), jnp.asarray(pkind)))
+            pq, pk, pkind, c, window = ph
+            tidx = np.zeros_like(pq)
+            if mode == "eval" and tile_table and mask_obj.is_static():
+                built = _partial_tile_table(mask_p, pq, pk, bq, bk, k_len, _TABLE_ELEMS)
+                if built is not None:
+                    table, tidx = built
+                    mode = "table"
+            metas.append((mode, c, False, window))
+            arrays.append((jnp.asarray(pq), jnp.asarray(pk), jnp.asarray(pkind), jnp.asarray(tidx)))
             counts.append(jnp.zeros(pq.shape[:2], jnp.int32))  # unused for static phases
     else:
         pq, pk, pkind, count = block_map.pairs()
@@ -369,10 +441,11 @@ def blocked_attention(
                 [a, jnp.broadcast_to(a[..., -1:] if val is None else jnp.asarray(val, a.dtype),
                                      a.shape[:-1] + (extra,))], -1)
             pq, pk, pkind = pad(pq), pad(pk), pad(pkind, bmap.EMPTY)
-        metas = [(True, c, True)]
-        arrays = [(pq, pk, pkind)]
+        metas = [("eval", c, True, nq)]
+        arrays = [(pq, pk, pkind, jnp.zeros_like(pq))]
         counts = [count]
     cfg = _Config(scale, bq, bk, q_len, k_len, nq, nk, tuple(metas), chunk)
+    cfg.table = table
 
     def to_blocks(x, n_blocks, blk, length):
         x = jnp.pad(x, ((0, 0), (0, n_blocks * blk - length), (0, 0), (0, 0)))
@@ -387,7 +460,6 @@ def blocked_attention(
     # Phase arrays [Bm, Hm, P] behave like leaves with shared axes of size 1.
     arrays = tuple(tuple(a for a in arr) for arr in arrays)
     counts = tuple(c[:, :, None] for c in counts)
-    mask_p = mask_obj.padded(q_pad, k_pad)
     mod_p = None if mod is None else mod.padded(q_pad, k_pad)
 
     attend = _make_attend(cfg)

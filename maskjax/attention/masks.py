@@ -200,7 +200,9 @@ class LayoutNode:
 
     def select(self, b, h) -> "Mask":
         """Block form over the full q/kv range for one (batch, head): leaves [*extra, Ql, Kl]."""
-        return self._replace_arrays(lambda a, _: _pick(_pick(a, b), h))
+        # jnp, not numpy: inside a trace, numpy leaves would make every mask op run eagerly in numpy
+        # and bake an n x n result into the program as a constant.
+        return self._replace_arrays(lambda a, _: jnp.asarray(_pick(_pick(a, b), h)))
 
     def slice_blocks(self, q_start, block_q: int, kv_start, block_k: int) -> "Mask":
         """From a selected mask, the block form for rows [q_start, q_start+block_q) and keys

@@ -32,6 +32,8 @@ def _cases():
     out = []
     for i, (kind, backend) in enumerate(itertools.product(KINDS, BACKENDS)):
         dtype, kv, bias = other[(i * 7) % len(other)]
+        if backend == "blocked" and (i // 2) % 2:
+            backend = "blocked-eval"  # per-tile mask evaluation instead of the trace-time tile table
         out.append((kind, backend, dtype, kv, bias, BLOCKS[i % len(BLOCKS)]))
     return out
 
@@ -53,7 +55,7 @@ def _run(backend, q, k, v, mask, bias=None, score_mod=None, blocks=(8, 8), scale
     if backend == "reference":
         return reference_attention(q, k, v, mask, bias, scale=scale, score_mod=score_mod)
     return blocked_attention(q, k, v, mask, bias, scale=scale, score_mod=score_mod, block_q=blocks[0],
-                             block_k=blocks[1])
+                             block_k=blocks[1], tile_table=backend != "blocked-eval")
 
 
 def _out_and_grads(fn, args, cot):
@@ -181,10 +183,10 @@ def test_reference_matches_jax_nn_dot_product_attention(kind):
     np.testing.assert_allclose(np.asarray(got)[live], np.asarray(want)[live], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["full", "causal", "prefix_lm_batch", "window_2d_tile_dilated", "directional",
-                                  "segments", "routing", "lengths", "query_masks_fallback", "function_arrays",
-                                  "and_or_not", "per_head"])
-def test_blocked_computes_exactly_the_nonempty_tiles(kind):
+@pytest.mark.parametrize("kind, tile_table", [(k, i % 2 == 0) for i, k in enumerate(
+    ["full", "causal", "prefix_lm_batch", "window_2d_tile_dilated", "directional", "segments", "routing",
+     "lengths", "query_masks_fallback", "function_arrays", "and_or_not", "per_head"])])
+def test_blocked_computes_exactly_the_nonempty_tiles(kind, tile_table):
     """Counters measured inside the blocked forward loop vs the block kinds of the numpy dense mask."""
     mask, q_len, k_len, expected = _expected(kind)
     heads = expected.shape[1]
@@ -192,7 +194,7 @@ def test_blocked_computes_exactly_the_nonempty_tiles(kind):
     q, k, v = _inputs(rng, 2, q_len, k_len, heads, heads, 4, jnp.float32)
     kinds = R.np_block_kinds(expected, 4, 4)
     _, stats = jax.jit(lambda q, k, v: blocked_attention(q, k, v, mask, block_q=4, block_k=4,
-                                                         return_stats=True))(q, k, v)
+                                                         return_stats=True, tile_table=tile_table))(q, k, v)
     np.testing.assert_array_equal(np.asarray(stats["tiles"]), (kinds > 0).sum((-1, -2)))
     np.testing.assert_array_equal(np.asarray(stats["masked_tiles"]), (kinds == 1).sum((-1, -2)))
 
@@ -264,3 +266,33 @@ def test_entry_point_dispatches_to_pallas_interpret_on_cpu():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="dtypes"):
         attention(q, k.astype(jnp.bfloat16), v, mask=mask, backend="pallas")
+
+
+@pytest.mark.parametrize("kind, traced", [("causal", False), ("window_2d_tile_dilated", False), ("per_head", False),
+                                          ("lengths", False), ("query_masks", True)])
+def test_blocked_multi_chunk_loops_with_bias_and_score_mod(kind, traced):
+    """Three tiles per chunk: exercises the chunk loops (fori / while), the accumulator windows and the
+    scatter-added dK / dV across chunks, with a bias and a learnable score modifier."""
+    mask, q_len, k_len, expected = _expected(kind)
+    dep_h = mask.depends_on()[1]
+    heads = 3 if dep_h else 2
+    if not dep_h:
+        expected = np.broadcast_to(expected[:, :1], (2, heads, q_len, k_len))
+    rng = np.random.default_rng(12)
+    q, k, v = _inputs(rng, 2, q_len, k_len, heads, 1, 8, jnp.float32)
+    bias = _bias(rng, "1hqk", 2, heads, q_len, k_len)
+    cap = jnp.float32(2.5)
+    cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    arr = jnp.asarray(expected[:, 0]) if traced else None
+
+    def f(q, k, v, b, c):
+        m = M.query_masks(arr, fallback_to_all=False) if traced else mask
+        return blocked_attention(q, k, v, m, b, score_mod=S.soft_cap(c), block_q=4, block_k=4, chunk_elems=48)
+
+    out, got = _out_and_grads(f, (q, k, v, bias, cap), cot)
+    want, want_g = _out_and_grads(
+        lambda q, k, v, b, c: R.dense_attention(q, k, v, expected, b, score_fn=lambda s: c * jnp.tanh(s / c)),
+        (q, k, v, bias, cap), cot)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5, rtol=2e-5)
+    for a, b, what in zip(got, want_g, "qkvbc"):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4, err_msg=what)
