@@ -70,12 +70,15 @@ def test_mesh_fill():
         config_lib.resolve_mesh_shape(ml_collections.ConfigDict(dict(data=3, fsdp=-1, model=1)), 8)
 
 
+def _run_main(workdir, *overrides):
+    return subprocess.run(
+        [sys.executable, "-m", "maskjax.main", "--config=configs/vit_builtin.py:runlocal", f"--workdir={workdir}",
+         *overrides], capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.slow
 def test_command_line_rejects_mistyped_override(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "maskjax.main", "--config=configs/vit_builtin.py:runlocal",
-         f"--workdir={tmp_path}", "--config.optimizer.learnig_rate=0.1"],
-        capture_output=True, text=True, timeout=120)
+    result = _run_main(tmp_path, "--config.optimizer.learnig_rate=0.1")
     assert result.returncode != 0
     assert "optimizer.learnig_rate" in result.stderr
     assert "optimizer.learning_rate" in result.stderr  # The suggestion.
@@ -84,10 +87,7 @@ def test_command_line_rejects_mistyped_override(tmp_path):
 
 @pytest.mark.slow
 def test_command_line_rejects_bad_patch_size(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "maskjax.main", "--config=configs/vit_builtin.py:runlocal",
-         f"--workdir={tmp_path}", "--config.data.image_size=30"],
-        capture_output=True, text=True, timeout=120)
+    result = _run_main(tmp_path, "--config.data.image_size=30")
     assert result.returncode != 0
     assert "data.image_size=30" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
