@@ -73,6 +73,9 @@ CASES = {
     # Degree 4: lowrank / exact_fwd take the Kronecker backward at degree 3 instead of autodiff.
     "causal_hybrid_g4": dict(causal=True, window=11, block_size=8, degree=4),
     "global_g4_padding": dict(degree=4, padding=True),
+    # Global path streamed over row chunks (block_size=8 < n; by default only beyond ~4096 rows).
+    "global_streamed_padding_gqa": dict(block_size=8, padding=True, kv_heads=1),
+    "global_streamed_g4": dict(block_size=8, degree=4),
 }
 
 
