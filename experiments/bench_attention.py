@@ -175,6 +175,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=240.0, help="skip a run whose estimate exceeds this")
     p.add_argument("--out", default=os.path.join(RESULTS, "attention"))
+    p.add_argument("--masks", nargs="+", default=None, help="subset of mask names (default: all)")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the measured (n, mask) rows in an existing --out JSON and re-render")
     args = p.parse_args(argv)
     command = "python experiments/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rng = np.random.default_rng(0)
@@ -184,6 +187,8 @@ def main(argv=None):
         keys = jax.random.split(jax.random.key(n), 3)
         q, k, v = (jax.random.normal(kk, (BATCH, n, HEADS, DIM), jnp.float32) for kk in keys)
         for name, (mask_obj, arr, block) in make_masks(n, rng).items():
+            if args.masks is not None and name not in args.masks:
+                continue
             elem, bdens, kinds = block_stats(mask_obj, arr, n, block)
             dense = dense_of(mask_obj, arr, n)
             dense_j = None if dense is None else jnp.asarray(dense)
@@ -225,7 +230,22 @@ def main(argv=None):
                 ar[f"{hw_name} us"] = t_sparse * 1e6
                 ar[f"{hw_name} speedup"] = roofline(dense_costs, hw) / t_sparse
             analytic_rows.append(ar)
+    if args.merge and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            old = json.load(f)
+        fresh = {(r["n"], r["mask"]) for r in rows}
+        keep = lambda rs: [r for r in rs if (r["n"], r["mask"]) not in fresh]
+        for r in rows:
+            r["run"] = command
+        order = lambda r: (r["n"], list(make_masks_names()).index(r["mask"]))
+        rows = sorted(keep(old["rows"]) + rows, key=order)
+        analytic_rows = sorted(keep(old["analytic"]) + analytic_rows, key=order)
+        command = old["meta"]["command"] + "` then `" + command
     write(args.out, command, rows, analytic_rows)
+
+
+def make_masks_names():
+    return ("none", "causal", "window_2d", "segments_4", "random_query_1/2")
 
 
 def _fmt(x):
@@ -245,10 +265,12 @@ def write(prefix, command, rows, analytic_rows):
                 load_avg=os.getloadavg())
     with open(prefix + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows, analytic=analytic_rows), f, indent=1)
-    lines = [f"# Attention benchmark", "", f"Command: `{command}`", "",
+    lines = ["# Attention benchmark", "", f"Command: `{command}`", "",
              f"jax {meta['jax']} on {meta['backend']} ({meta['cores']} cores, shared machine, load average at end "
              f"{meta['load_avg'][0]:.1f}); batch {BATCH}, {HEADS} heads, head dim {DIM}, float32. Times in seconds "
              "(min over repetitions, compile excluded) are noisy on a shared machine: read the ratios.", "",
+             *(["Rows marked (re-run) come from the second command (after a change to the traced-mask path).", ""]
+               if any(r.get("run") for r in rows) else []),
              "## Measured (CPU)", "",
              "| n | mask | block | elem dens. | block dens. | mode | jax.nn dense | reference | blocked | blocked / jax.nn | blocked / (block dens. x blocked no-mask) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -258,7 +280,8 @@ def write(prefix, command, rows, analytic_rows):
             jd, ref, bl = (r.get(f"{m}_{mode}") for m in ("jax_dense", "reference", "blocked"))
             base = nomask.get((r["n"], mode))
             follow = _ratio(bl, r["block_density"] * base) if isinstance(base, float) and isinstance(bl, float) else "—"
-            lines.append(f"| {r['n']} | {r['mask']} | {r['block']} | {r['elem_density']:.3f} | {r['block_density']:.3f} | "
+            label = r["mask"] + (" (re-run)" if r.get("run") else "")
+            lines.append(f"| {r['n']} | {label} | {r['block']} | {r['elem_density']:.3f} | {r['block_density']:.3f} | "
                          f"{mode} | {_fmt(jd)} | {_fmt(ref)} | {_fmt(bl)} | {_ratio(bl, jd)} | {follow} |")
     lines += ["", "## Analytic: flash kernels with block skipping (bf16, per batch element, all heads)", "",
               "Roofline per kernel = max(FLOPs / peak, bytes / HBM bandwidth), summed over fwd, dq, dkv; speedup = "

@@ -195,7 +195,7 @@ def _chunk_loop(meta, arrays, count, body, init):
         return step(0, init)
     if not dynamic:
         return jax.lax.fori_loop(0, n_chunks, step, init)
-    limit = (count[0] + chunk - 1) // chunk
+    limit = (count[0][0] + chunk - 1) // chunk
 
     def cond(state):
         return state[0] < limit
@@ -214,6 +214,15 @@ def _window(pq, nq: int, window: int):
     return start, pq - start
 
 
+def _from_acc_space(cfg, counts, x):
+    """Traced maps accumulate per query-block *rank* (the i-th non-empty q block), so that a chunk's
+    rows are consecutive whatever the gaps; scatter the rows back to their q blocks."""
+    if not any(meta[2] for meta in cfg.phases_meta):
+        return x
+    rows = counts[0][1]  # [nq]: q block of each rank, nq for unused ranks
+    return jnp.zeros((x.shape[0] + 1,) + x.shape[1:], x.dtype).at[rows].set(x)[:-1]
+
+
 def _forward_bh(cfg, b, h, trees, arrays, shared):
     """One (batch, head): returns out [nq, bq, D] (f32) and lse [nq, bq]."""
     mod_sel, mask_sel, phase_arrays, counts = trees
@@ -225,7 +234,7 @@ def _forward_bh(cfg, b, h, trees, arrays, shared):
     zero = jnp.int32(0)
     state = (m0, l0, a0, (zero, zero, zero))
     for meta, parr, cnt in zip(cfg.phases_meta, phase_arrays, counts):
-        def body(pq, pk, pkind, tidx, carry, meta=meta):
+        def body(pq, pk, pkind, tidx, acc_idx, carry, meta=meta):
             m, l, acc, (n_tiles, n_masked, n_slots) = carry
             live = jnp.sum(pkind != bmap.EMPTY).astype(jnp.int32)
             stats = (n_tiles + live, n_masked + (live if meta[0] != "none" else 0), n_slots + pkind.shape[0])
@@ -233,7 +242,7 @@ def _forward_bh(cfg, b, h, trees, arrays, shared):
             # Pairs are sorted by query block: the chunk only touches `window` consecutive q blocks, so
             # the online-softmax state is read and rescaled on that window, not on all of it.
             window = meta[3]
-            start, loc = _window(pq, nq, window)
+            start, loc = _window(acc_idx, nq, window)
             cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, window)
             m_w, l_w, acc_w = cut(m), cut(l), cut(acc)
             row_max = jax.ops.segment_max(s.max(-1), loc, window, indices_are_sorted=True)
@@ -254,7 +263,7 @@ def _forward_bh(cfg, b, h, trees, arrays, shared):
     lse = jnp.where(l > 0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
     if shared == "stats":
         return stats
-    return out, lse
+    return _from_acc_space(cfg, counts, out), _from_acc_space(cfg, counts, lse)
 
 
 def _backward_bh(cfg, b, h, trees, arrays, shared):
@@ -273,7 +282,7 @@ def _backward_bh(cfg, b, h, trees, arrays, shared):
             jnp.zeros((nk, bk, d), jnp.float32), dmod0)
     state = init
     for meta, parr, cnt in zip(cfg.phases_meta, phase_arrays, counts):
-        def body(pq, pk, pkind, tidx, carry, meta=meta):
+        def body(pq, pk, pkind, tidx, acc_idx, carry, meta=meta):
             dq, dk, dv, dmod = carry
             s, raw, modify = _tile_scores(cfg, q_bh, k_bh, pq, pk, b, h, mod_sel, mask_sel, pkind, tidx, meta[0])
             p = jnp.exp(s - lse[pq][:, :, None])
@@ -297,7 +306,7 @@ def _backward_bh(cfg, b, h, trees, arrays, shared):
                 dmod = [a + g.astype(jnp.float32) for a, g in zip(dmod, dfl)]
             ds = ds * cfg.scale
             window = meta[3]
-            start, loc = _window(pq, nq, window)
+            start, loc = _window(acc_idx, nq, window)
             dq_w = jax.lax.dynamic_slice_in_dim(dq, start, window) + jax.ops.segment_sum(
                 jnp.einsum("cqk,ckd->cqd", ds, kb), loc, window, indices_are_sorted=True)
             dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_w, start, 0)
@@ -305,7 +314,8 @@ def _backward_bh(cfg, b, h, trees, arrays, shared):
             return (dq, dk, dv, dmod)
 
         state = _chunk_loop(meta, parr, cnt, body, state)
-    return state
+    dq, dk, dv, dmod = state
+    return _from_acc_space(cfg, counts, dq), dk, dv, dmod
 
 
 def _make_attend(cfg):
@@ -429,8 +439,8 @@ def blocked_attention(
                     table, tidx = built
                     mode = "table"
             metas.append((mode, c, False, window))
-            arrays.append((jnp.asarray(pq), jnp.asarray(pk), jnp.asarray(pkind), jnp.asarray(tidx)))
-            counts.append(jnp.zeros(pq.shape[:2], jnp.int32))  # unused for static phases
+            arrays.append((jnp.asarray(pq), jnp.asarray(pk), jnp.asarray(pkind), jnp.asarray(tidx), jnp.asarray(pq)))
+            counts.append(None)  # static phases need no count / rank rows
     else:
         pq, pk, pkind, count = block_map.pairs()
         c = min(chunk, nq * nk)
@@ -441,9 +451,12 @@ def blocked_attention(
                 [a, jnp.broadcast_to(a[..., -1:] if val is None else jnp.asarray(val, a.dtype),
                                      a.shape[:-1] + (extra,))], -1)
             pq, pk, pkind = pad(pq), pad(pk), pad(pkind, bmap.EMPTY)
-        metas = [("eval", c, True, nq)]
-        arrays = [(pq, pk, pkind, jnp.zeros_like(pq))]
-        counts = [count]
+        new_row = jnp.concatenate([jnp.ones_like(pq[..., :1], bool), pq[..., 1:] != pq[..., :-1]], -1)
+        rank = (jnp.cumsum(new_row, axis=-1) - 1).astype(jnp.int32)
+        rows = jax.vmap(jax.vmap(lambda r, p: jnp.full((nq,), nq, jnp.int32).at[r].set(p)))(rank, pq)
+        metas = [("eval", c, True, min(c, nq))]
+        arrays = [(pq, pk, pkind, jnp.zeros_like(pq), rank)]
+        counts = [(count[:, :, None], rows)]
     cfg = _Config(scale, bq, bk, q_len, k_len, nq, nk, tuple(metas), chunk)
     cfg.table = table
 
@@ -459,7 +472,7 @@ def blocked_attention(
         vb = jnp.repeat(vb, heads // kv_heads, axis=1)
     # Phase arrays [Bm, Hm, P] behave like leaves with shared axes of size 1.
     arrays = tuple(tuple(a for a in arr) for arr in arrays)
-    counts = tuple(c[:, :, None] for c in counts)
+    counts = tuple(counts)
     mod_p = None if mod is None else mod.padded(q_pad, k_pad)
 
     attend = _make_attend(cfg)

@@ -283,6 +283,9 @@ def test_blocked_multi_chunk_loops_with_bias_and_score_mod(kind, traced):
     bias = _bias(rng, "1hqk", 2, heads, q_len, k_len)
     cap = jnp.float32(2.5)
     cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    if traced:  # an empty query block between non-empty ones: accumulator rows are ranks, not blocks
+        expected = expected.copy()
+        expected[:, :, 4:8] = False
     arr = jnp.asarray(expected[:, 0]) if traced else None
 
     def f(q, k, v, b, c):
