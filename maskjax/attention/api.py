@@ -8,12 +8,13 @@ from typing import Optional
 import chex
 import jax
 
+from maskjax.attention.approx import APPROX_MODES, approx_attention
 from maskjax.attention.blocked import blocked_attention
-from maskjax.attention.masks import Mask, as_mask
+from maskjax.attention.masks import Causal, Mask, as_mask
 from maskjax.attention.reference import reference_attention
 from maskjax.attention.score_mods import ScoreMod, as_score_mod
 
-BACKENDS = ("auto", "reference", "blocked", "pallas")
+BACKENDS = ("auto", "reference", "blocked", "pallas", "approx")
 # Below this many score elements per (batch, head) the dense path is cheaper than any tiling.
 _SMALL = 256 * 256
 
@@ -48,6 +49,9 @@ def attention(
     block_k: Optional[int] = None,
     block_map=None,
     interpret: Optional[bool] = None,
+    approx_mode: str = "lowrank",
+    approx_degree: int = 2,
+    approx_window: Optional[int] = None,
 ) -> jax.Array:
     """Masked softmax attention with a choice of backend.
 
@@ -64,6 +68,10 @@ def attention(
       block_q, block_k: tile sizes for 'blocked' / 'pallas' (default 128, 128; GPU pallas 64, 64).
       block_map: optional precomputed block map (blocked backend), e.g. static for a traced mask.
       interpret: pallas interpret mode (default: True on CPU).
+      approx_mode, approx_degree, approx_window: backend='approx' (polynomial low-rank attention,
+        ``approx.approx_attention``): mode 'lowrank' | 'exact_fwd' | 'paper', even Taylor degree, and the
+        width of the exactly computed local window (None: none). Its masks: None, ``causal()`` or a boolean
+        key-padding array broadcastable to [batch, 1, 1, k_len]; no bias or score_mod.
 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype. Fully masked query rows give zeros and zero
@@ -93,6 +101,8 @@ def attention(
     pallas_kwargs = dict(block_q=block_q or default_block, block_k=block_k or default_block,
                          interpret=(platform == "cpu") if interpret is None else interpret)
 
+    if backend == "approx":
+        return _approx(q, k, v, mask, mask_obj, bias, score_mod, scale, approx_mode, approx_degree, approx_window)
     if backend == "auto":
         backend = "reference"
         if platform in ("tpu", "gpu"):
@@ -116,3 +126,21 @@ def attention(
     if reason:
         raise ValueError(f"attention: backend='pallas' cannot run this case: {reason}; use backend='blocked'")
     return module.flash_attention(q, k, v, mask_obj, mod, scale=scale, **pallas_kwargs)
+
+
+def _approx(q, k, v, mask, mask_obj, bias, score_mod, scale, mode, degree, window) -> jax.Array:
+    """backend='approx': maps the mask language onto what the low-rank kernel supports, or says why not."""
+    if mode not in APPROX_MODES:
+        raise ValueError(f"attention: approx_mode must be one of {APPROX_MODES}, got {mode!r}")
+    if score_mod is not None:
+        raise ValueError("attention: backend='approx' does not support score_mod (it breaks the low-rank kernel)")
+    causal_flag, key_padding = False, None
+    if isinstance(mask_obj, Causal) and mask_obj.offset == 0:
+        causal_flag = True
+    elif mask is not None and not isinstance(mask, Mask):
+        key_padding = mask  # approx_attention checks that it is a [batch, 1, 1, k_len] key-padding mask
+    elif mask_obj is not None:
+        raise ValueError(f"attention: backend='approx' supports mask=None, causal() or a boolean key-padding "
+                         f"array, got {type(mask_obj).__name__}; use backend='blocked' for other masks")
+    return approx_attention(q, k, v, key_padding, bias, scale=scale, approx_mode=mode, degree=degree,
+                            causal=causal_flag, window=window)

@@ -26,13 +26,14 @@ def _check_qk(q: jax.Array, k: jax.Array, where: str) -> None:
                          "[batch, seq, heads, head_dim] with equal batch/head_dim and heads % kv_heads == 0")
 
 
-def bound_logits(q: jax.Array, k: jax.Array, temperature: jax.Array, eps: float = 1e-6) -> Tuple[jax.Array, jax.Array]:
+def bound_logits(q: jax.Array, k: jax.Array, temperature: jax.Array, eps: float = 1e-3) -> Tuple[jax.Array, jax.Array]:
     """Normalise q and k over head_dim and scale q by `temperature`, so |q'·k'| <= temperature.
 
     Args:
       q: [batch, q_len, heads, head_dim]; k: [batch, k_len, kv_heads, head_dim].
       temperature: scalar or [heads] (per query head), > 0.
-      eps: added to the norms (a zero vector stays zero).
+      eps: smoothing of the norm, x / sqrt(|x|^2 + eps^2): a zero vector stays zero with a finite gradient (a
+        ViT's cls query is exactly zero at init), and |x'| < 1 keeps the bound.
 
     Returns:
       (q', k') of the same shapes; use them with scale=1.0.
@@ -43,8 +44,8 @@ def bound_logits(q: jax.Array, k: jax.Array, temperature: jax.Array, eps: float 
         raise ValueError(f"bound_logits: temperature must be a scalar or [heads={q.shape[2]}], "
                          f"got shape {temperature.shape}")
     qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
-    q_unit = qf / (jnp.linalg.norm(qf, axis=-1, keepdims=True) + eps)
-    k_unit = kf / (jnp.linalg.norm(kf, axis=-1, keepdims=True) + eps)
+    q_unit = qf * jax.lax.rsqrt(jnp.sum(qf * qf, axis=-1, keepdims=True) + eps * eps)
+    k_unit = kf * jax.lax.rsqrt(jnp.sum(kf * kf, axis=-1, keepdims=True) + eps * eps)
     temperature = temperature[:, None] if temperature.ndim == 1 else temperature
     return (q_unit * temperature).astype(q.dtype), k_unit.astype(k.dtype)
 

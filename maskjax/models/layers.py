@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskjax.attention import attention
+from maskjax.attention.approx_bounded import BoundedLogitScale, logit_norm_bound, max_abs_logit
+from maskjax.models.attention_options import AttentionOptions
 
 Dtype = Any
 
@@ -137,6 +139,7 @@ class MultiHeadAttention(nn.Module):
     Separate query/key/value projections with kernels [in_features, heads, head_dim] (logical
     ('embed', 'heads', 'head_dim')); output projection [heads, head_dim, out_features] (('heads', 'head_dim',
     'embed')). Optional qk-norm: a LayerNorm over head_dim applied to queries and keys (shared across heads).
+    `options` (`AttentionOptions`) picks the backend, bounded logits and the max-|logit| record.
 
     Call with `inputs_q` [batch, q_len, d_q] and optionally `inputs_kv` [batch, kv_len, d_kv] (default: self-
     attention); `mask` (True = may attend) and `bias` broadcast to [batch, heads, q_len, kv_len] and are passed
@@ -150,6 +153,7 @@ class MultiHeadAttention(nn.Module):
     use_bias: bool = True
     layer_norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    options: AttentionOptions = AttentionOptions()
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array] = None, *,
@@ -172,7 +176,16 @@ class MultiHeadAttention(nn.Module):
         if self.qk_norm:
             q = layer_norm(self.layer_norm_eps, self.dtype, name="query_norm")(q)
             k = layer_norm(self.layer_norm_eps, self.dtype, name="key_norm")(k)
-        out = attention(q, k, v, mask=mask, bias=bias)
+        scale = None
+        if self.options.logit_bound > 0:
+            q, k = BoundedLogitScale(bound=self.options.logit_bound, init_temperature=self.options.logit_bound / 2,
+                                     name="logit_scale")(q, k)
+            scale = 1.0
+        if self.options.record_max_logit:
+            exact = q.shape[1] * k.shape[1] <= 4096 * 4096
+            self.sow("intermediates", "max_abs_logit",
+                     max_abs_logit(q, k, scale) if exact else logit_norm_bound(q, k, scale))
+        out = attention(q, k, v, mask=mask, bias=bias, scale=scale, **self.options.call_kwargs())
         out = nn.with_logical_constraint(out, ("batch", "tokens", "heads", None))
         return HeadsOutProjection(out_features, use_bias=self.use_bias, dtype=self.dtype, name="out")(out)
 
@@ -226,6 +239,7 @@ class Encoder1DBlock(nn.Module):
     approximate_gelu: bool = False
     layer_norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    attention: AttentionOptions = AttentionOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Any = None, train: bool = False) -> jax.Array:
@@ -233,7 +247,7 @@ class Encoder1DBlock(nn.Module):
         x = constrain_tokens(x)
         y = layer_norm(self.layer_norm_eps, self.dtype, name="norm1")(x)
         y = MultiHeadAttention(num_heads=self.num_heads, qk_norm=self.qk_norm, layer_norm_eps=self.layer_norm_eps,
-                               dtype=self.dtype, name="attn")(y, mask=mask)
+                               dtype=self.dtype, options=self.attention, name="attn")(y, mask=mask)
         y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, dtype=self.dtype, name="ls1")(y)
@@ -259,7 +273,9 @@ class Encoder(nn.Module):
     """A stack of `depth` pre-LN blocks followed by a final LayerNorm.
 
     `__call__(x [batch, tokens, embed], *, mask=None, train=False) -> (encoded [batch, tokens, embed], aux)`,
-    aux['block_{i}'] = output of block i (before the final norm). `mask` is given to every block.
+    aux['block_{i}'] = output of block i (before the final norm). `mask` is given to every block, or, as a
+    list/tuple of `depth` masks, one per block. `attention` sets every block's attention (`AttentionOptions`,
+    resolved per block by `for_layer`).
     """
 
     depth: int
@@ -273,10 +289,14 @@ class Encoder(nn.Module):
     layer_norm_eps: float = 1e-6
     remat: bool = False
     dtype: Dtype = jnp.float32
+    attention: AttentionOptions = AttentionOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: Any = None, train: bool = False) -> tuple[jax.Array, dict]:
         block_cls = nn.remat(Encoder1DBlock, static_argnums=(3,)) if self.remat else Encoder1DBlock
+        if isinstance(mask, (list, tuple)) and len(mask) != self.depth:
+            raise ValueError(f"Encoder: got {len(mask)} per-block masks for depth={self.depth}")
+        layer_masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * self.depth
         aux = {}
         for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
             x = block_cls(
@@ -289,8 +309,9 @@ class Encoder(nn.Module):
                 approximate_gelu=self.approximate_gelu,
                 layer_norm_eps=self.layer_norm_eps,
                 dtype=self.dtype,
+                attention=self.attention.for_layer(i, self.depth),
                 name=f"block_{i}",
-            )(x, mask, train)
+            )(x, layer_masks[i], train)
             aux[f"block_{i}"] = x
         encoded = layer_norm(self.layer_norm_eps, self.dtype, name="encoder_norm")(x)
         return constrain_tokens(encoded), aux

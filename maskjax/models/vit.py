@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskjax.attention.masks import as_mask
+from maskjax.models.attention_options import AttentionOptions, TokenMaskSpec
 from maskjax.models.layers import (DEFAULT_KERNEL_INIT, ZEROS, Encoder, LearnedPosEmb, PatchEmbed, constrain_tokens,
                                    pair, posemb_sincos_2d)
 
@@ -69,6 +71,9 @@ class ViT(nn.Module):
       dtype: compute dtype; parameters are float32.
       layer_norm_eps: LayerNorm epsilon (timm 1e-6, Hugging Face 1e-12).
       remat: rematerialise each block in the backward pass.
+      attention: `AttentionOptions` of every block (backend, approx layers, bounded logits, logit record).
+      token_mask: `TokenMaskSpec`, a mask on the patch grid (2-D window, Swin partitions, LookHere
+        directions) applied in every block of `__call__`, combined (and) with a `mask` argument.
     """
 
     num_classes: Optional[int] = None
@@ -90,6 +95,8 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
     layer_norm_eps: float = 1e-6
     remat: bool = False
+    attention: AttentionOptions = AttentionOptions()
+    token_mask: TokenMaskSpec = TokenMaskSpec()
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -117,6 +124,13 @@ class ViT(nn.Module):
             raise ValueError(f"ViT: dropout={self.dropout} must be in [0, 1)")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"ViT: drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+        if self.token_mask.kind == "directional_2d" and len(self.token_mask.directions) != self.num_heads:
+            raise ValueError(f"ViT: token_mask directions={self.token_mask.directions} must give one angle per "
+                             f"head (num_heads={self.num_heads})")
+        uses_approx = self.attention.backend == "approx" or self.attention.approx_layers
+        if uses_approx and self.token_mask.kind != "none":
+            raise ValueError(f"ViT: token_mask kind={self.token_mask.kind!r} cannot be used with approx attention "
+                             "layers (the low-rank kernel supports no spatial mask)")
         if self.num_classes is not None and self.num_classes < 0:
             raise ValueError(f"ViT: num_classes={self.num_classes} must be >= 0 (0/None = no head)")
 
@@ -137,7 +151,8 @@ class ViT(nn.Module):
         self.encoder = Encoder(
             depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
             drop_path_rate=self.drop_path_rate, layer_scale_init=self.layer_scale_init, qk_norm=self.qk_norm,
-            layer_norm_eps=self.layer_norm_eps, remat=self.remat, dtype=self.dtype, name="encoder")
+            layer_norm_eps=self.layer_norm_eps, remat=self.remat, dtype=self.dtype, attention=self.attention,
+            name="encoder")
         if self.num_classes:
             kernel_init = ZEROS if self.head_zero_init else DEFAULT_KERNEL_INIT
             self.head_dense = nn.Dense(
@@ -192,6 +207,21 @@ class ViT(nn.Module):
         x = self.embed_dropout(tokens.astype(self.dtype), deterministic=not train)
         return self.encoder(x, mask=mask, train=train)
 
+    def block_masks(self, grid_hw: Sequence[int], mask: Any = None) -> Any:
+        """The mask argument of `encode` for a (gh, gw) patch grid: `mask` and the `token_mask` spec combined;
+        a list with one mask per block when the spec varies by block (shifted Swin windows)."""
+        if self.token_mask.kind == "none":
+            return mask
+        user = as_mask(mask)
+
+        def combined(layer):
+            spec = self.token_mask.build(tuple(grid_hw), self.num_prefix_tokens, layer)
+            return spec if user is None else user & spec
+
+        if self.token_mask.varies_by_layer():
+            return [combined(i) for i in range(self.depth)]
+        return combined(0)
+
     def head(self, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
         """encoded [B, T, width] -> (logits, pre_logits) by `pool`.
 
@@ -213,10 +243,12 @@ class ViT(nn.Module):
 
         aux: 'stem' [B, n, width] patch tokens with posemb; 'block_{i}' [B, T, width]; 'encoded' [B, T, width]
         after the final norm; 'pre_logits' [B, width] (pool 'none': [B, T, width]); 'num_prefix_tokens' (int).
-        T = num_prefix_tokens + n. `mask`: optional attention mask for every block (see `encode`).
+        T = num_prefix_tokens + n. `mask`: optional attention mask for every block (see `encode`), combined with
+        the `token_mask` spec.
         """
         stem = self.embed_patches(images)
-        encoded, aux = self.encode(self.add_prefix_tokens(stem), train=train, mask=mask)
+        block_mask = self.block_masks(self.patch_grid(images.shape[1:3]), mask)
+        encoded, aux = self.encode(self.add_prefix_tokens(stem), train=train, mask=block_mask)
         logits, pre_logits = self.head(encoded)
         aux.update(stem=stem, encoded=encoded, pre_logits=pre_logits, num_prefix_tokens=self.num_prefix_tokens)
         return logits, aux

@@ -10,6 +10,7 @@ import numpy as np
 
 from maskjax.evaluate.metrics import correct_topk, softmax_cross_entropy
 from maskjax.models.vit import ViT, decode_variant
+from maskjax.tasks.common import attention_from_config, logit_metrics
 
 Batch = Mapping[str, jax.Array]
 
@@ -19,6 +20,7 @@ def vit_from_config(model_config: ml_collections.ConfigDict) -> ViT:
     size = decode_variant(model_config.variant)
     if model_config.depth > 0:
         size["depth"] = model_config.depth
+    attention, token_mask = attention_from_config(model_config.attention)
     return ViT(
         num_classes=model_config.num_classes,
         class_token=model_config.class_token,
@@ -30,6 +32,8 @@ def vit_from_config(model_config: ml_collections.ConfigDict) -> ViT:
         layer_scale_init=model_config.layer_scale_init or None,
         dtype=jnp.dtype(model_config.dtype),
         remat=model_config.remat,
+        attention=attention,
+        token_mask=token_mask,
         **size,
     )
 
@@ -50,11 +54,14 @@ class ClassificationTask:
         chex.assert_rank(batch["image"], 4)
         chex.assert_rank(batch["label"], 1)
         dropout_rng, drop_path_rng = jax.random.split(rng)
-        logits, _ = self.model.apply({"params": params}, batch["image"], train=train,
-                                     rngs={"dropout": dropout_rng, "drop_path": drop_path_rng})
+        record = self.model.attention.record_max_logit
+        outputs = self.model.apply({"params": params}, batch["image"], train=train,
+                                   rngs={"dropout": dropout_rng, "drop_path": drop_path_rng},
+                                   mutable=["intermediates"] if record else False)
+        (logits, _), state = outputs if record else (outputs, {})
         losses = softmax_cross_entropy(logits, batch["label"], self.config.loss.label_smoothing)
         accuracy = correct_topk(logits, batch["label"])
-        return jnp.mean(losses), {"accuracy": jnp.mean(accuracy)}
+        return jnp.mean(losses), {"accuracy": jnp.mean(accuracy), **logit_metrics(state)}
 
     def eval_sums(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
         """Sums over the valid examples of a (padded) batch; `summarize` turns them into metrics."""

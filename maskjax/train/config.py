@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.layer_scale_init = 0.0  # LayerScale initial value (0 = off).
     c.model.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); parameters stay float32.
     c.model.remat = False  # Rematerialise blocks in the backward pass to save memory.
+    c.model.attention = attention_config()
 
     c.loss = ml_collections.ConfigDict()
     c.loss.label_smoothing = 0.0  # Label smoothing of the softmax cross-entropy.
@@ -94,6 +95,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress_bar = True  # Live tqdm progress bar on the main process.
     c.stop_after_steps = -1  # Stop (with a checkpoint) after this many steps of this run (-1 = never; for tests).
     return c
+
+
+def attention_config() -> ml_collections.ConfigDict:
+    """`model.attention`: backend, approximate-gradient layers, bounded logits and a token mask on the patch grid."""
+    a = ml_collections.ConfigDict()
+    a.backend = "auto"  # 'auto', 'reference', 'blocked', 'pallas' or 'approx' (maskjax.attention.attention).
+    a.block_q = 0  # Query tile of 'blocked' / 'pallas' (0 = the backend's default).
+    a.block_k = 0  # Key tile of 'blocked' / 'pallas' (0 = the backend's default).
+    a.approx_mode = "lowrank"  # 'approx' backend: 'lowrank', 'exact_fwd' (exact forward) or 'paper'.
+    a.approx_degree = 2  # 'approx' backend: even Taylor degree of the low-rank kernel.
+    a.approx_window = 0  # 'approx' backend: width of the exactly computed local window (0 = none).
+    a.approx_layers = ()  # Block indices that use 'approx' while the others use `backend` (() = per `backend`).
+    a.logit_bound = 0.0  # > 0: normalised q, k with a learned temperature so |logit| <= bound (0 = off).
+    a.record_max_logit = False  # Log the observed max |logit| per block (metric max_abs_logit/block_<i>).
+    a.mask = "none"  # Token mask on the patch grid: 'none', 'window_2d', 'swin' or 'directional_2d'.
+    a.radius = (1, 1)  # window_2d: neighbourhood radius (rows, cols) in (dilated) grid steps.
+    a.dilation = (1, 1)  # window_2d: dilation (rows, cols).
+    a.window = (4, 4)  # swin: partition size (rows, cols) in patches.
+    a.shifted = True  # swin: odd blocks shift the partition by half a window.
+    a.directions = ()  # directional_2d: one view direction per head, degrees (0 = right, 90 = up).
+    a.fov = 90.0  # directional_2d: field of view in degrees.
+    a.max_distance = 0.0  # directional_2d: reach in grid units (0 = unlimited).
+    a.prefix_sees_grid = True  # cls/register tokens attend to every patch.
+    a.grid_sees_prefix = True  # Every patch attends to the cls/register tokens.
+    return a
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -160,6 +186,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         _fail("model.num_classes", config.model.num_classes, "must be >= 1")
     if not 0.0 <= config.model.drop_path_rate < 1.0:
         _fail("model.drop_path_rate", config.model.drop_path_rate, "must be in [0, 1)")
+    from maskjax.tasks.common import attention_from_config
+    options, token_mask = attention_from_config(config.model.attention)
+    depth = config.model.depth if config.model.depth > 0 else variant["depth"]
+    if options.approx_layers is not None and not all(0 <= i < depth for i in options.approx_layers):
+        _fail("model.attention.approx_layers", config.model.attention.approx_layers,
+              f"block indices must be in [0, depth={depth})")
+    if token_mask.kind == "directional_2d" and len(token_mask.directions) != variant["num_heads"]:
+        _fail("model.attention.directions", config.model.attention.directions,
+              f"needs one angle per head ({variant['num_heads']} heads in model.variant={config.model.variant!r})")
+    if token_mask.kind != "none" and (options.backend == "approx" or options.approx_layers is not None):
+        _fail("model.attention.mask", token_mask.kind, "cannot be combined with approx attention layers")
 
     opt = config.optimizer
     if opt.name not in ("adamw", "adam", "sgd", "lamb"):

@@ -87,3 +87,13 @@ def test_bounded_logit_arguments_validated():
     with pytest.raises(ValueError, match="incompatible shapes"):
         max_abs_logit(q, jnp.ones((1, 3, 2, 5)))
     assert math.isfinite(float(logit_norm_bound(q, q)))
+
+
+def test_bound_logits_has_finite_gradients_at_a_zero_query():
+    # A ViT's cls token and its LayerNorm are zero at init, so its query is exactly zero.
+    q = jnp.zeros((1, 3, 2, 4)).at[:, 1:].set(1.0)
+    k = jnp.ones((1, 3, 2, 4))
+    grads = jax.grad(lambda q, k: jnp.sum(bound_logits(q, k, 2.0)[0] * k), argnums=(0, 1))(q, k)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+    q_unit, _ = bound_logits(q, k, 2.0)
+    np.testing.assert_allclose(q_unit[:, 1:], 2.0 * np.ones((1, 2, 2, 4)) / 2.0, rtol=1e-5)  # |(1,1,1,1)| = 2
