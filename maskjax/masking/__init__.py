@@ -15,7 +15,8 @@ Example::
 from maskjax.masking.core import (PURPOSE_MASKING, MaskingResult, example_keys, gather_tokens, mask_from_bool,
                                   mask_from_scores, masking_key, num_masked_tokens, restore_tokens, upsample_mask)
 from maskjax.masking.registry import make_masking, strategy_options
-from maskjax.masking.strategies import (NOISE_COLORS, STRATEGIES, attention_masking, block_masking, filter_noise,
+from maskjax.masking.strategies import (NOISE_COLORS, STRATEGIES, attention_masking, block_masking,
+                                        checkerboard_masking, filter_noise,
                                         grid_masking, hard_patch_alpha, hard_patch_masking, noise_masking,
                                         random_masking, tube_masking)
 
@@ -24,4 +25,5 @@ __all__ = [
     "mask_from_bool", "upsample_mask", "gather_tokens", "restore_tokens", "STRATEGIES", "NOISE_COLORS",
     "make_masking", "strategy_options", "random_masking", "block_masking", "grid_masking", "tube_masking",
     "attention_masking", "hard_patch_masking", "hard_patch_alpha", "noise_masking", "filter_noise",
+    "checkerboard_masking",
 ]

@@ -15,6 +15,7 @@ tube            VideoMAE: one spatial mask repeated over all T frames           
 attention       AttMask: the top- ("high") or bottom- ("low") scoring tokens          round(r * N)
 hard_patch      HPM: the hardest ``alpha`` fraction by predicted loss, the rest random round(r * N)
 noise           ColorMAE: the top of low/high/band-pass filtered noise                round(r * N)
+checkerboard    symmetric masking: one colour of a (cell-sized) chessboard, at random N / 2 (r = 0.5)
 =============== ==================================================================== =====================
 """
 
@@ -36,6 +37,39 @@ from maskjax.masking.core import (MaskingResult, check_batch, check_choice, chec
 GridHW = Tuple[int, int]
 
 
+def _static_key(value: Any) -> Any:
+    """``value`` as a hashable static argument, or raise TypeError (lists become tuples)."""
+    if isinstance(value, list):
+        value = tuple(value)
+    hash(value)
+    return value
+
+
+def _compiled(fn):
+    """Run strategy ``fn`` under one cached ``jit``: array arguments (key, scores, a traced alpha) are traced,
+    everything else is static. Eager callers then pay one dispatch per call instead of one per op;
+    inside a caller's ``jit`` it simply nests. Unhashable options (e.g. a dict) fall back to a plain call."""
+
+    @functools.wraps(fn)
+    def wrapper(key, batch, grid, ratio, **options):
+        arrays = {k: v for k, v in options.items() if isinstance(v, (jax.Array, np.ndarray))}
+        try:
+            static = tuple(sorted((k, _static_key(v)) for k, v in options.items() if k not in arrays))
+            static_args = (_static_key(batch), _static_key(grid), _static_key(ratio), static)
+        except TypeError:
+            return fn(key, batch, grid, ratio, **options)
+        if isinstance(ratio, (jax.Array, np.ndarray)) or isinstance(batch, (jax.Array, np.ndarray)):
+            return fn(key, batch, grid, ratio, **options)   # raises the ValueError about static shapes
+        return _run_compiled(fn, key, arrays, *static_args)
+
+    return wrapper
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
+def _run_compiled(fn, key, arrays, batch, grid, ratio, static):
+    return fn(key, batch, grid, ratio, **arrays, **dict(static))
+
+
 def _any_grid(grid_hw: Any) -> Tuple[int, ...]:
     """A grid of any rank (token-wise strategies only need N = prod(grid))."""
     try:
@@ -45,6 +79,7 @@ def _any_grid(grid_hw: Any) -> Tuple[int, ...]:
     return check_grid(grid_hw, max(ndim, 1))
 
 
+@_compiled
 def random_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float, *,
                    order: str = "sorted") -> MaskingResult:
     """MAE random masking: argsort of uniform noise; the ``round(ratio * N)`` noisiest tokens are masked.
@@ -105,6 +140,7 @@ def _check_block_options(grid: GridHW, num_masked: int, min_num_patches: int, ma
     return float(max_aspect)
 
 
+@_compiled
 def block_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float, *,
                   min_num_patches: int = 4, max_num_patches: Optional[int] = None, min_aspect: float = 0.3,
                   max_aspect: Optional[float] = None, max_attempts: int = 10) -> MaskingResult:
@@ -195,6 +231,7 @@ def _pair(value: Any, name: str) -> Tuple[int, int]:
     return check_grid(value, 2, name)
 
 
+@_compiled
 def grid_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float, *,
                  cell: Union[int, Sequence[int]] = 2) -> MaskingResult:
     """ConvMAE-style block-aligned masking: random masking of ``cell`` (int or (ch, cw)) patch cells on the
@@ -226,6 +263,7 @@ def grid_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: floa
 # tube (VideoMAE)
 
 
+@_compiled
 def tube_masking(key: jax.Array, batch: int, grid_thw: Sequence[int], ratio: float, *,
                  spatial: str = "random", spatial_options: Optional[Mapping[str, Any]] = None) -> MaskingResult:
     """VideoMAE tube masking: one spatial mask on ``(H, W)`` (strategy ``spatial``, default random)
@@ -262,6 +300,7 @@ def _guided_priority(key: jax.Array, batch: int, scores: jax.Array, num_guided) 
     return jnp.where(rank < num_guided, 2.0, fill)
 
 
+@_compiled
 def attention_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float, *,
                       scores: jax.Array, mode: str = "high", random_fraction: Any = 0.0) -> MaskingResult:
     """AttMask: mask by per-token ``scores`` [B, N] (e.g. the teacher's [CLS] attention, averaged over heads).
@@ -297,6 +336,7 @@ def hard_patch_alpha(step: Any, total_steps: int, alpha_max: float = 0.5) -> jax
     return jnp.clip((jnp.asarray(step, jnp.float32) + 1.0) / total_steps, 0.0, 1.0) * alpha_max
 
 
+@_compiled
 def hard_patch_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float, *,
                        scores: jax.Array, alpha: Any) -> MaskingResult:
     """Hard Patches Mining: ``scores`` [B, N] are the predicted per-patch reconstruction losses (difficulty).
@@ -348,6 +388,7 @@ def filter_noise(noise: jax.Array, color: str, sigma: float = 1.0, sigma_ratio: 
     return jnp.real(jnp.fft.ifft2(jnp.fft.fft2(noise) * response)).astype(jnp.float32)
 
 
+@_compiled
 def noise_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float, *, color: str = "green",
                   sigma: float = 1.0, sigma_ratio: float = 2.0) -> MaskingResult:
     """ColorMAE-style data-independent masks: white noise filtered by ``filter_noise`` (``color`` red =
@@ -373,6 +414,43 @@ def noise_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: flo
     return mask_from_scores(filtered.reshape(batch, h * w), num_masked)
 
 
+# ----------------------------------------------------------------------------------------------
+# checkerboard (symmetric masking)
+
+
+@_compiled
+def checkerboard_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float = 0.5, *,
+                         cell: Union[int, Sequence[int]] = 1) -> MaskingResult:
+    """Symmetric (checkerboard) masking: cells of ``cell`` patches coloured like a chessboard; each sample
+    masks one colour, chosen at random, so every token is visible in one of the two complementary masks.
+    Exactly half the tokens: ``ratio`` must be 0.5 and the coarse grid must have an even number of cells.
+
+    Example::
+
+        res = checkerboard_masking(jax.random.key(0), 8, (14, 14), 0.5)   # 98 of 196, one of 2 phases
+    """
+    batch = check_batch(batch)
+    h, w = check_grid(grid_hw, 2)
+    ch, cw = _pair(cell, "cell")
+    if not _is_half(ratio):
+        raise ValueError(f"checkerboard masking masks exactly half the tokens: ratio must be 0.5, got ratio={ratio!r}")
+    if h % ch or w % cw:
+        raise ValueError(f"grid_hw={(h, w)} is not divisible by cell={(ch, cw)}")
+    hc, wc = h // ch, w // cw
+    if (hc * wc) % 2:
+        raise ValueError(f"grid_hw={(h, w)} with cell={(ch, cw)} has an odd number ({hc * wc}) of cells: "
+                         f"the two colours would differ in size")
+    colour = ((np.arange(hc)[:, None] + np.arange(wc)[None, :]) % 2).astype(bool)
+    colour = np.kron(colour, np.ones((ch, cw), bool)).reshape(1, h * w)
+    phase = jax.vmap(lambda k: jax.random.bernoulli(k))(example_keys(key, batch))[:, None]
+    mask = jnp.logical_xor(jnp.asarray(colour), phase)
+    return mask_from_scores(mask.astype(jnp.float32), h * w // 2)
+
+
+def _is_half(ratio: Any) -> bool:
+    return isinstance(ratio, (numbers.Real, np.floating)) and not isinstance(ratio, bool) and float(ratio) == 0.5
+
+
 STRATEGIES = {
     "random": random_masking,
     "block": block_masking,
@@ -381,4 +459,5 @@ STRATEGIES = {
     "attention": attention_masking,
     "hard_patch": hard_patch_masking,
     "noise": noise_masking,
+    "checkerboard": checkerboard_masking,
 }

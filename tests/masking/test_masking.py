@@ -34,6 +34,7 @@ CASES = {
     "hard_patch": ("hard_patch", {"scores": _scores(3), "alpha": 0.5}, GRID, 0.75, 48),
     "noise_red": ("noise", {"color": "red"}, GRID, 0.5, 32),
     "noise_green": ("noise", {"color": "green"}, GRID, 0.7, round(0.7 * 64)),
+    "checkerboard": ("checkerboard", {"cell": 2}, GRID, 0.5, 32),
 }
 
 
@@ -81,6 +82,8 @@ def test_determinism_and_key_dependence(results, case):
     first, second = np.asarray(results[case][0].mask), np.asarray(results[case][1].mask)
     if case == "attention_high":   # purely score-driven: the key only breaks ties (there are none)
         np.testing.assert_array_equal(first, second)
+    elif case == "checkerboard":   # only two possible masks: see test_checkerboard_is_one_of_two_phases
+        pass
     else:
         assert (first != second).any(), "a different key must give a different mask"
         assert len({row.tobytes() for row in first}) > 1, "rows of one batch must differ"
@@ -186,6 +189,40 @@ def test_grid_masks_whole_cells():
     np.testing.assert_array_equal(cell_all.reshape(B, -1).sum(1), np.full(B, round(0.5 * 16)))
 
 
+def test_checkerboard_is_one_of_two_phases():
+    res = M.checkerboard_masking(jax.random.key(0), 16, (4, 6), 0.5, cell=(1, 2))
+    board = np.array([[(i + j // 2) % 2 == 1 for j in range(6)] for i in range(4)]).reshape(-1)
+    m = np.asarray(res.mask)
+    is_a, is_b = (m == board).all(1), (m == ~board).all(1)
+    assert (is_a | is_b).all() and is_a.any() and is_b.any()
+
+
+def test_mask_from_bool_lists_true_entries():
+    mask = np.zeros((3, 10), bool)
+    rng = np.random.default_rng(0)
+    for row in mask:
+        row[rng.choice(10, 4, replace=False)] = True
+    res = M.mask_from_bool(jnp.asarray(mask), 4)
+    np.testing.assert_array_equal(np.asarray(res.mask), mask)
+    np.testing.assert_array_equal(np.asarray(res.ids_masked), np.stack([np.flatnonzero(r) for r in mask]))
+    np.testing.assert_array_equal(np.asarray(res.ids_keep), np.stack([np.flatnonzero(~r) for r in mask]))
+
+
+def test_sharded_batch_gives_the_same_masks():
+    """Keys and scores sharded over 8 devices (batch axis) -> the same masks as on one device."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    keys = M.masking_key(0, 1, index=jnp.arange(8))
+    scores = _scores(8, batch=8)
+    fn = jax.jit(lambda k, s: (M.block_masking(k, 8, GRID, 0.5).mask,
+                               M.hard_patch_masking(k, 8, GRID, 0.5, scores=s, alpha=0.5).mask))
+    shard = NamedSharding(mesh, P("data"))
+    sharded = fn(jax.device_put(keys, shard), jax.device_put(scores, shard))
+    single = fn(keys, scores)
+    for a, b in zip(sharded, single):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_upsample_mask_matches_numpy_kron():
     coarse = np.random.default_rng(0).random((3, 12)) < 0.5
     got = np.asarray(M.upsample_mask(jnp.asarray(coarse), (3, 4), (2, 3)))
@@ -253,7 +290,8 @@ def test_hard_patch_alpha_schedule_formula():
     np.testing.assert_allclose(got, [(s + 1) / total * 0.5 for s in range(total)], rtol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["random", "block", "grid2", "tube", "attention_mixed", "hard_patch", "noise_green"])
+@pytest.mark.parametrize("case", ["random", "block", "grid2", "tube", "attention_mixed", "hard_patch", "noise_green",
+                                  "checkerboard"])
 def test_jit_matches_eager(results, case):
     name, kw, grid, ratio, _ = CASES[case]
     arrays = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
@@ -269,7 +307,7 @@ def test_make_masking_binds_options():
     res = fn(jax.random.key(0), 2, (8, 8), 0.5)
     m = np.asarray(res.mask).reshape(2, 2, 4, 2, 4)
     np.testing.assert_array_equal(m.any(axis=(2, 4)), m.all(axis=(2, 4)))
-    assert set(M.STRATEGIES) >= {"random", "block", "grid", "tube", "attention", "hard_patch", "noise"}
+    assert set(M.STRATEGIES) >= {"random", "block", "grid", "tube", "attention", "hard_patch", "noise", "checkerboard"}
 
 
 KEY = jax.random.key(0)
@@ -294,6 +332,8 @@ BAD = [
     (lambda: M.hard_patch_masking(KEY, B, GRID, 0.5, scores=_scores(0), alpha=-0.1), r"alpha=-0\.1"),
     (lambda: M.noise_masking(KEY, B, GRID, 0.5, color="pink"), r"color='pink'"),
     (lambda: M.make_masking("checkers"), r"name='checkers'"),
+    (lambda: M.checkerboard_masking(KEY, B, GRID, 0.4), r"ratio=0\.4"),
+    (lambda: M.checkerboard_masking(KEY, B, (3, 3), 0.5), r"odd number \(9\)"),
     (lambda: M.make_masking("block", min_patches=3), r"min_patches"),
     (lambda: M.random_masking(jax.random.split(KEY, 3), B, GRID, 0.5), r"3 per-example keys but batch=4"),
     (lambda: M.restore_tokens(jnp.zeros((2, 3, 4)), jnp.zeros((5,)), jnp.zeros((2, 6), jnp.int32)), r"\(5,\)"),
