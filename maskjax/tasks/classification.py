@@ -18,8 +18,9 @@ Batch = Mapping[str, jax.Array]
 def vit_from_config(model_config: ml_collections.ConfigDict) -> ViT:
     """A ViT whose size comes from `model_config.variant` and whose options from the other fields."""
     size = decode_variant(model_config.variant)
-    if model_config.depth > 0:
-        size["depth"] = model_config.depth
+    for key in ("depth", "width", "num_heads", "mlp_dim"):
+        if model_config[key] > 0:
+            size[key] = model_config[key]
     attention, token_mask = attention_from_config(model_config.attention)
     return ViT(
         num_classes=model_config.num_classes,

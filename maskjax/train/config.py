@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "vit"  # Model family.
     c.model.variant = "Ti/4"  # '<size>/<patch>': size in mu, Ti, S, M, B, L, H.
     c.model.depth = -1  # Override the variant's depth (-1 = keep).
+    c.model.width = -1  # Override the variant's width (-1 = keep).
+    c.model.num_heads = -1  # Override the variant's number of heads (-1 = keep).
+    c.model.mlp_dim = -1  # Override the variant's MLP width (-1 = keep).
     c.model.num_classes = 10  # Classifier outputs; must match the data set.
     c.model.class_token = True  # Prepend a learned [cls] token.
     c.model.num_registers = 0  # Extra register tokens (Darcet et al. 2023).
@@ -170,6 +173,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         variant = decode_variant(config.model.variant)
     except ValueError as e:
         _fail("model.variant", config.model.variant, str(e))
+    for key in ("depth", "width", "num_heads", "mlp_dim"):
+        if config.model[key] == 0 or config.model[key] < -1:
+            _fail(f"model.{key}", config.model[key], "must be a positive size or -1 (keep the variant's)")
+        if config.model[key] > 0:
+            variant[key] = config.model[key]
+    if variant["width"] % variant["num_heads"]:
+        _fail("model.width", variant["width"], f"must be divisible by num_heads={variant['num_heads']} "
+              f"(model.variant={config.model.variant!r}, model.width / model.num_heads overrides)")
     patch = variant["patch_size"]
     if config.data.image_size <= 0 or config.data.image_size % patch:
         _fail("data.image_size", config.data.image_size, f"must be a positive multiple of the patch size {patch} "
@@ -188,7 +199,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         _fail("model.drop_path_rate", config.model.drop_path_rate, "must be in [0, 1)")
     from maskjax.tasks.common import attention_from_config
     options, token_mask = attention_from_config(config.model.attention)
-    depth = config.model.depth if config.model.depth > 0 else variant["depth"]
+    depth = variant["depth"]
     if options.approx_layers is not None and not all(0 <= i < depth for i in options.approx_layers):
         _fail("model.attention.approx_layers", config.model.attention.approx_layers,
               f"block indices must be in [0, depth={depth})")

@@ -91,3 +91,41 @@ def test_command_line_rejects_bad_patch_size(tmp_path):
     assert result.returncode != 0
     assert "data.image_size=30" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _load_config_file(name):
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", name)
+    spec = importlib.util.spec_from_file_location(name[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, arg", [
+    ("vit_builtin.py", None), ("vit_builtin.py", "runlocal"), ("vit_fashion_mnist.py", None),
+    ("vit_fashion_mnist.py", "runlocal"), ("vit_local_window.py", None), ("vit_local_window.py", "runlocal"),
+    ("vit_local_window.py", "mask=swin"), ("vit_local_window.py", "mask=directional_2d,radius=1"),
+])
+def test_config_files_validate_and_build_their_models(name, arg):
+    from maskjax.tasks.classification import vit_from_config
+    c = _load_config_file(name).get_config(arg)
+    config_lib.validate(c, num_devices=8)
+    model = vit_from_config(c.model)
+    assert model.token_mask.kind == c.model.attention.mask
+    if name == "vit_local_window.py":
+        assert model.token_mask.kind == (arg or "mask=window_2d").split(",")[0].split("=")[-1].replace(
+            "runlocal", "window_2d")
+
+
+def test_model_size_overrides_are_checked():
+    from maskjax.tasks.classification import vit_from_config
+    c = _config(model__width=96, model__num_heads=6, model__mlp_dim=384, model__depth=2)
+    config_lib.validate(c, num_devices=8)
+    model = vit_from_config(c.model)
+    assert (model.width, model.num_heads, model.mlp_dim, model.depth) == (96, 6, 384, 2)
+    with pytest.raises(ValueError, match=r"model.width=100: must be divisible by num_heads=6"):
+        config_lib.validate(_config(model__width=100, model__num_heads=6), num_devices=8)
+    with pytest.raises(ValueError, match=r"model.num_heads=0"):
+        config_lib.validate(_config(model__num_heads=0), num_devices=8)
