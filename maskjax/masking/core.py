@@ -165,7 +165,8 @@ def masking_key(seed: Union[int, jax.Array], step: Union[int, jax.Array], index:
         purpose = zlib.crc32(purpose.encode())
     if isinstance(purpose, bool) or not isinstance(purpose, (numbers.Integral, np.integer)):
         raise ValueError(f"purpose must be an int or a str, got purpose={purpose!r}")
-    if hasattr(seed, "dtype") and (_is_typed_key(seed) or jnp.asarray(seed).dtype == jnp.uint32 and np.shape(seed) == (2,)):
+    raw_key = hasattr(seed, "dtype") and jnp.asarray(seed).dtype == jnp.uint32 and np.shape(seed) == (2,)
+    if _is_typed_key(seed) or raw_key:
         base = seed
     else:
         base = jax.random.key(seed)
@@ -174,7 +175,8 @@ def masking_key(seed: Union[int, jax.Array], step: Union[int, jax.Array], index:
         return key
     index = jnp.asarray(index)
     if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
-        raise ValueError(f"index must be an int array [batch] of example indices, got shape {index.shape} dtype {index.dtype}")
+        raise ValueError(f"index must be an int array [batch] of example indices, "
+                         f"got shape {index.shape} dtype {index.dtype}")
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
 
 
@@ -231,17 +233,29 @@ def mask_from_scores(priority: jax.Array, num_masked: int, *, order: str = "sort
     return _split(jnp.asarray(priority), num_masked=int(num_masked), order=order)
 
 
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+    """Row-wise inverse of permutations ``perm`` [B, N]: ``inv[b, perm[b, i]] = i`` (a scatter, not a sort)."""
+    b, n = perm.shape
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+    return jnp.zeros((b, n), jnp.int32).at[rows, perm].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), unique_indices=True)
+
+
 # Compiled once per (shape, num_masked, order): eager callers pay one dispatch instead of one per op.
+# One sort per call; the rest are scatters and cumulative sums (cheaper to compile and run than sorts).
 @functools.partial(jax.jit, static_argnames=("num_masked", "order"))
 def _split(priority: jax.Array, *, num_masked: int, order: str) -> MaskingResult:
     num_visible = priority.shape[1] - num_masked
     ids_shuffle = jnp.argsort(priority, axis=1, stable=True).astype(jnp.int32)
     if order == "sorted":
-        rank = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
-        mask = rank >= num_visible
-        # Stable sort of the mask puts visible tokens first, each group in ascending token order.
-        ids_shuffle = jnp.argsort(mask.astype(jnp.int32), axis=1, stable=True).astype(jnp.int32)
-    ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
+        mask = inverse_permutation(ids_shuffle) >= num_visible
+        # Slot of every token in concat([ids_keep, ids_masked]) with both parts in ascending token order.
+        visible_slot = jnp.cumsum(~mask, axis=1, dtype=jnp.int32) - 1
+        masked_slot = num_visible + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
+        ids_restore = jnp.where(mask, masked_slot, visible_slot)
+        ids_shuffle = inverse_permutation(ids_restore)
+    else:
+        ids_restore = inverse_permutation(ids_shuffle)
     mask = ids_restore >= num_visible
     return MaskingResult(mask=mask, ids_keep=ids_shuffle[:, :num_visible],
                          ids_masked=ids_shuffle[:, num_visible:], ids_restore=ids_restore)

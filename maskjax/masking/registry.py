@@ -39,6 +39,4 @@ def make_masking(name: str, **options: Any) -> MaskingFn:
             raise ValueError(f"option {opt}= is passed at call time, not to make_masking (strategy {name!r})")
         if opt not in allowed:
             raise ValueError(f"unknown option {opt}= for masking strategy {name!r}; allowed: {allowed}")
-    fn = functools.partial(STRATEGIES[name], **options)
-    functools.update_wrapper(fn, STRATEGIES[name])
-    return fn
+    return functools.partial(STRATEGIES[name], **options)

@@ -31,43 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskjax.masking.core import (MaskingResult, check_batch, check_choice, check_fraction, check_grid,
-                                  check_scores, example_keys, mask_from_scores, num_masked_tokens,
-                                  split_keys, uniform_noise, upsample_mask)
+                                  check_scores, example_keys, inverse_permutation, mask_from_scores,
+                                  num_masked_tokens, split_keys, uniform_noise, upsample_mask)
 
 GridHW = Tuple[int, int]
-
-
-def _static_key(value: Any) -> Any:
-    """``value`` as a hashable static argument, or raise TypeError (lists become tuples)."""
-    if isinstance(value, list):
-        value = tuple(value)
-    hash(value)
-    return value
-
-
-def _compiled(fn):
-    """Run strategy ``fn`` under one cached ``jit``: array arguments (key, scores, a traced alpha) are traced,
-    everything else is static. Eager callers then pay one dispatch per call instead of one per op;
-    inside a caller's ``jit`` it simply nests. Unhashable options (e.g. a dict) fall back to a plain call."""
-
-    @functools.wraps(fn)
-    def wrapper(key, batch, grid, ratio, **options):
-        arrays = {k: v for k, v in options.items() if isinstance(v, (jax.Array, np.ndarray))}
-        try:
-            static = tuple(sorted((k, _static_key(v)) for k, v in options.items() if k not in arrays))
-            static_args = (_static_key(batch), _static_key(grid), _static_key(ratio), static)
-        except TypeError:
-            return fn(key, batch, grid, ratio, **options)
-        if isinstance(ratio, (jax.Array, np.ndarray)) or isinstance(batch, (jax.Array, np.ndarray)):
-            return fn(key, batch, grid, ratio, **options)   # raises the ValueError about static shapes
-        return _run_compiled(fn, key, arrays, *static_args)
-
-    return wrapper
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
-def _run_compiled(fn, key, arrays, batch, grid, ratio, static):
-    return fn(key, batch, grid, ratio, **arrays, **dict(static))
 
 
 def _any_grid(grid_hw: Any) -> Tuple[int, ...]:
@@ -79,7 +46,6 @@ def _any_grid(grid_hw: Any) -> Tuple[int, ...]:
     return check_grid(grid_hw, max(ndim, 1))
 
 
-@_compiled
 def random_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float, *,
                    order: str = "sorted") -> MaskingResult:
     """MAE random masking: argsort of uniform noise; the ``round(ratio * N)`` noisiest tokens are masked.
@@ -118,8 +84,8 @@ def _check_block_options(grid: GridHW, num_masked: int, min_num_patches: int, ma
             or min_num_patches < 1:
         raise ValueError(f"min_num_patches must be a positive int, got min_num_patches={min_num_patches!r}")
     if min_num_patches > num_masked:
-        raise ValueError(f"min_num_patches={min_num_patches} exceeds the {num_masked} tokens to mask on grid_hw={grid}: "
-                         f"lower min_num_patches or raise ratio")
+        raise ValueError(f"min_num_patches={min_num_patches} exceeds the {num_masked} tokens to mask on "
+                         f"grid_hw={grid}: lower min_num_patches or raise ratio")
     if max_num_patches is not None and (isinstance(max_num_patches, bool) or not isinstance(
             max_num_patches, (numbers.Integral, np.integer)) or max_num_patches < min_num_patches):
         raise ValueError(f"max_num_patches must be None or an int >= min_num_patches={min_num_patches}, "
@@ -129,7 +95,8 @@ def _check_block_options(grid: GridHW, num_masked: int, min_num_patches: int, ma
     max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
     if not isinstance(max_aspect, numbers.Real) or not max_aspect >= min_aspect:
         raise ValueError(f"max_aspect must be >= min_aspect={min_aspect}, got max_aspect={max_aspect!r}")
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, (numbers.Integral, np.integer)) or max_attempts < 1:
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, (numbers.Integral, np.integer)) \
+            or max_attempts < 1:
         raise ValueError(f"max_attempts must be a positive int, got max_attempts={max_attempts!r}")
     # Some block of at least min_num_patches tokens with an allowed aspect (h / w) must fit the grid.
     fits = any(bh * bw >= min_num_patches and min_aspect * 0.999 <= bh / bw <= max_aspect * 1.001
@@ -140,7 +107,6 @@ def _check_block_options(grid: GridHW, num_masked: int, min_num_patches: int, ma
     return float(max_aspect)
 
 
-@_compiled
 def block_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float, *,
                   min_num_patches: int = 4, max_num_patches: Optional[int] = None, min_aspect: float = 0.3,
                   max_aspect: Optional[float] = None, max_attempts: int = 10) -> MaskingResult:
@@ -231,7 +197,6 @@ def _pair(value: Any, name: str) -> Tuple[int, int]:
     return check_grid(value, 2, name)
 
 
-@_compiled
 def grid_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float, *,
                  cell: Union[int, Sequence[int]] = 2) -> MaskingResult:
     """ConvMAE-style block-aligned masking: random masking of ``cell`` (int or (ch, cw)) patch cells on the
@@ -263,7 +228,6 @@ def grid_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: floa
 # tube (VideoMAE)
 
 
-@_compiled
 def tube_masking(key: jax.Array, batch: int, grid_thw: Sequence[int], ratio: float, *,
                  spatial: str = "random", spatial_options: Optional[Mapping[str, Any]] = None) -> MaskingResult:
     """VideoMAE tube masking: one spatial mask on ``(H, W)`` (strategy ``spatial``, default random)
@@ -278,7 +242,8 @@ def tube_masking(key: jax.Array, batch: int, grid_thw: Sequence[int], ratio: flo
     batch = check_batch(batch)
     t, h, w = check_grid(grid_thw, 3, "grid_thw")
     if spatial == "tube" or spatial not in STRATEGIES:
-        raise ValueError(f"spatial must be one of {tuple(s for s in STRATEGIES if s != 'tube')}, got spatial={spatial!r}")
+        allowed = tuple(s for s in STRATEGIES if s != "tube")
+        raise ValueError(f"spatial must be one of {allowed}, got spatial={spatial!r}")
     spatial_res = STRATEGIES[spatial](key, batch, (h, w), ratio, **dict(spatial_options or {}))
     frames = jnp.broadcast_to(spatial_res.mask[:, None, :], (batch, t, h * w)).reshape(batch, t * h * w)
     return mask_from_scores(frames.astype(jnp.float32), spatial_res.num_masked * t)
@@ -296,11 +261,10 @@ def _guided_priority(key: jax.Array, batch: int, scores: jax.Array, num_guided) 
     tie = uniform_noise(k_tie, num_tokens)
     fill = uniform_noise(k_fill, num_tokens)
     order = jnp.lexsort((tie, -scores), axis=-1)       # descending score, random among equal scores
-    rank = jnp.argsort(order, axis=1)
+    rank = inverse_permutation(order.astype(jnp.int32))
     return jnp.where(rank < num_guided, 2.0, fill)
 
 
-@_compiled
 def attention_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float, *,
                       scores: jax.Array, mode: str = "high", random_fraction: Any = 0.0) -> MaskingResult:
     """AttMask: mask by per-token ``scores`` [B, N] (e.g. the teacher's [CLS] attention, averaged over heads).
@@ -336,7 +300,6 @@ def hard_patch_alpha(step: Any, total_steps: int, alpha_max: float = 0.5) -> jax
     return jnp.clip((jnp.asarray(step, jnp.float32) + 1.0) / total_steps, 0.0, 1.0) * alpha_max
 
 
-@_compiled
 def hard_patch_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float, *,
                        scores: jax.Array, alpha: Any) -> MaskingResult:
     """Hard Patches Mining: ``scores`` [B, N] are the predicted per-patch reconstruction losses (difficulty).
@@ -388,7 +351,6 @@ def filter_noise(noise: jax.Array, color: str, sigma: float = 1.0, sigma_ratio: 
     return jnp.real(jnp.fft.ifft2(jnp.fft.fft2(noise) * response)).astype(jnp.float32)
 
 
-@_compiled
 def noise_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float, *, color: str = "green",
                   sigma: float = 1.0, sigma_ratio: float = 2.0) -> MaskingResult:
     """ColorMAE-style data-independent masks: white noise filtered by ``filter_noise`` (``color`` red =
@@ -418,7 +380,6 @@ def noise_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: flo
 # checkerboard (symmetric masking)
 
 
-@_compiled
 def checkerboard_masking(key: jax.Array, batch: int, grid_hw: Sequence[int], ratio: float = 0.5, *,
                          cell: Union[int, Sequence[int]] = 1) -> MaskingResult:
     """Symmetric (checkerboard) masking: cells of ``cell`` patches coloured like a chessboard; each sample
