@@ -5,18 +5,16 @@ All are pure and ``jit``-able (key, scores and schedule values may be traced; ``
 and are deterministic per key. ``key`` is one PRNG key (row ``i`` then uses ``fold_in(key, i)``) or a
 batch of per-example keys from ``masking_key(seed, step, index=example_ids)``.
 
-=============== ==================================================================== =====================
-strategy        what is masked                                                       masked tokens
-=============== ==================================================================== =====================
-random          MAE: the tokens with the largest uniform noise                       round(r * N)
-block           BEiT: random rectangles of random area / aspect, then contiguous fill round(r * N)
-grid            ConvMAE: random cells of ``cell`` patches (coarse random, upsampled)  round(r * N / c) * c
-tube            VideoMAE: one spatial mask repeated over all T frames                 round(r * H * W) * T
-attention       AttMask: the top- ("high") or bottom- ("low") scoring tokens          round(r * N)
-hard_patch      HPM: the hardest ``alpha`` fraction by predicted loss, the rest random round(r * N)
-noise           ColorMAE: the top of low/high/band-pass filtered noise                round(r * N)
-checkerboard    symmetric masking: one colour of a (cell-sized) chessboard, at random N / 2 (r = 0.5)
-=============== ==================================================================== =====================
+Strategies (masked tokens per sample; r = ratio, N = tokens):
+
+- ``random``: MAE, the tokens with the largest uniform noise; round(r * N).
+- ``block``: BEiT, random rectangles of random area / aspect, then a contiguous fill; round(r * N).
+- ``grid``: ConvMAE, whole cells of c = ch * cw patches (coarse random, upsampled); round(r * N / c) * c.
+- ``tube``: VideoMAE, one spatial mask repeated over all T frames; round(r * H * W) * T.
+- ``attention``: AttMask, the top- ("high") or bottom- ("low") scoring tokens, optionally part random; round(r * N).
+- ``hard_patch``: HPM, the hardest ``alpha`` fraction by predicted loss, the rest random; round(r * N).
+- ``noise``: ColorMAE, the top of low / high / band-pass filtered noise; round(r * N).
+- ``checkerboard``: symmetric masking, one colour of a (cell-sized) chessboard at random; N / 2 (r = 0.5).
 """
 
 from __future__ import annotations
