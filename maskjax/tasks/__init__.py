@@ -1,8 +1,9 @@
 """Tasks own losses, evaluation metrics and visualisations; they know nothing of meshes or checkpoints."""
 
 from maskjax.tasks.classification import ClassificationTask
+from maskjax.tasks.mim import MIMTask
 
-TASKS = {"classification": ClassificationTask}
+TASKS = {"classification": ClassificationTask, "mim": MIMTask}
 
 
 def make_task(config):

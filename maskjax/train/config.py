@@ -7,6 +7,7 @@ default and a one-line comment, so a mistyped `--config.<key>=...` override is a
 import difflib
 from typing import Any, Iterable, Optional
 
+import jax
 import ml_collections
 
 # Logical axis -> mesh axes. A mesh axis of size 1 costs nothing, so the same rules serve data parallelism
@@ -66,6 +67,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = False  # Rematerialise blocks in the backward pass to save memory.
     c.model.attention = attention_config()
 
+    c.mim = ml_collections.ConfigDict()  # Masked image modeling (task='mim'); the encoder is `model`.
+    c.mim.mode = "mae"  # 'mae' (encoder on visible patches only) or 'mask_token' (SimMIM / BEiT style).
+    c.mim.mask_ratio = 0.75  # Fraction of patches masked (exact count per image).
+    c.mim.masking = "random"  # Strategy of maskjax.masking: 'random', 'block', 'grid', 'noise', 'checkerboard'.
+    c.mim.masking_options = ml_collections.ConfigDict()  # Keyword options of the strategy (e.g. min_num_patches).
+    c.mim.target = "norm_pixels"  # 'pixels' or 'norm_pixels' (per-patch normalised, MAE).
+    c.mim.decoder_width = 128  # Decoder transformer width.
+    c.mim.decoder_depth = 2  # Decoder blocks (0 = linear head on the encoder output).
+    c.mim.decoder_heads = 4  # Decoder attention heads.
+    c.mim.decoder_mlp_dim = 512  # Decoder MLP width.
+
     c.loss = ml_collections.ConfigDict()
     c.loss.label_smoothing = 0.0  # Label smoothing of the softmax cross-entropy.
 
@@ -98,6 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress_bar = True  # Live tqdm progress bar on the main process.
     c.stop_after_steps = -1  # Stop (with a checkpoint) after this many steps of this run (-1 = never; for tests).
     return c
+
+
+# Sub-trees whose keys depend on another setting (validated by the code that consumes them).
+FREE_FORM_PREFIXES = ("mim.masking_options.",)
 
 
 def attention_config() -> ml_collections.ConfigDict:
@@ -148,6 +164,8 @@ def check_known_keys(config: ml_collections.ConfigDict, reference: Optional[ml_c
     reference = base_config() if reference is None else reference
     valid = set(flat_keys(reference))
     for key in flat_keys(config):
+        if key.startswith(FREE_FORM_PREFIXES):
+            continue  # checked by their consumer (e.g. the masking strategy's own options)
         if key not in valid and not any(key.startswith(v + ".") for v in valid):
             raise ValueError(unknown_key_message(key, valid))
 
@@ -208,6 +226,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
               f"needs one angle per head ({variant['num_heads']} heads in model.variant={config.model.variant!r})")
     if token_mask.kind != "none" and (options.backend == "approx" or options.approx_layers is not None):
         _fail("model.attention.mask", token_mask.kind, "cannot be combined with approx attention layers")
+
+    if config.task == "mim":
+        from maskjax.models.mae import MIM_MODES, TARGETS
+        from maskjax.tasks.mim import masking_from_config
+        m = config.mim
+        if m.mode not in MIM_MODES:
+            _fail("mim.mode", m.mode, f"must be one of {MIM_MODES}")
+        if m.target not in TARGETS:
+            _fail("mim.target", m.target, f"must be one of {TARGETS}")
+        if m.decoder_depth < 0:
+            _fail("mim.decoder_depth", m.decoder_depth, "must be >= 0")
+        if m.decoder_depth and (m.decoder_width < 1 or m.decoder_heads < 1 or m.decoder_width % m.decoder_heads):
+            _fail("mim.decoder_width", m.decoder_width, f"must be >= 1 and divisible by mim.decoder_heads="
+                  f"{m.decoder_heads}")
+        mask_fn = masking_from_config(m)
+        grid = (config.data.image_size // patch,) * 2
+        try:  # static options are checked while tracing: no compute
+            jax.eval_shape(lambda key: mask_fn(key, 2, grid), jax.random.key(0))
+        except ValueError as err:
+            _fail("mim.masking_options", m.masking_options.to_dict(), f"strategy {m.masking!r} on a {grid} grid: {err}")
 
     opt = config.optimizer
     if opt.name not in ("adamw", "adam", "sgd", "lamb"):

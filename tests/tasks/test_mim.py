@@ -1,0 +1,111 @@
+"""The MIM task: loss = masked-patch MSE of the model's prediction (numpy reference), reconstructions keep the
+visible pixels, config errors are named before compute, and a short trainer run learns and writes its grid."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import mae_builtin
+from maskjax import masking
+from maskjax.models.mae import patchify
+from maskjax.tasks.mim import MIMTask
+from maskjax.train import config as config_lib
+from maskjax.train.trainer import Trainer
+
+
+def tiny_config(**overrides):
+    c = mae_builtin.get_config("runlocal")
+    c.progress_bar = False
+    c.eval_examples = 64
+    c.eval_batch_size = 32
+    c.num_visualize = 4
+    c.data.num_threads = 0
+    for dotted, value in overrides.items():
+        target = c
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def batch(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": jnp.asarray(rng.uniform(-1, 1, (n, 32, 32, 3)), jnp.float32),
+            "label": jnp.zeros((n,), jnp.int32), "valid": jnp.ones((n,), bool)}
+
+
+@pytest.mark.parametrize("target", ["pixels", "norm_pixels"])
+def test_loss_is_the_masked_patch_mse_of_the_prediction(target):
+    task = MIMTask(tiny_config(mim__target=target))
+    b = batch()
+    params = nn.meta.unbox(task.init(jax.random.key(0), b))["params"]
+    rng = jax.random.key(7)
+    loss, metrics = task.loss(params, b, rng, train=False)
+    # independent recomputation: the same masks (first of the three keys), the model's prediction, numpy MSE
+    mask_rng = jax.random.split(rng, 3)[0]
+    result = masking.random_masking(mask_rng, 4, (8, 8), 0.75)
+    pred = np.asarray(task.model.apply({"params": params}, b["image"], result)[0], np.float64)
+    patches = np.asarray(patchify(b["image"], 4), np.float64)
+    if target == "norm_pixels":
+        patches = (patches - patches.mean(-1, keepdims=True)) / np.sqrt(patches.var(-1, keepdims=True) + 1e-6)
+    mask = np.asarray(result.mask)
+    want = ((pred - patches) ** 2).mean(-1)[mask].mean()
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    assert float(metrics["masked_fraction"]) == 0.75
+
+
+def test_reconstruction_keeps_visible_patches_and_psnr_matches_numpy():
+    task = MIMTask(tiny_config())
+    b = batch()
+    params = nn.meta.unbox(task.init(jax.random.key(0), b))["params"]
+    recon, mask = task.reconstruct(params, b["image"])
+    got, want = np.asarray(patchify(recon, 4)), np.asarray(patchify(b["image"], 4))
+    mask = np.asarray(mask)
+    np.testing.assert_array_equal(got[~mask], want[~mask])
+    assert np.abs(got[mask] - want[mask]).max() > 1e-3
+    sums = task.eval_sums(params, b)
+    mse = ((got - want) ** 2).mean(-1)
+    per_image = np.array([mse[i][mask[i]].mean() for i in range(4)])
+    np.testing.assert_allclose(float(sums["psnr"]) / 4, np.mean(10 * np.log10(4.0 / per_image)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(mim__masking="attention"), "config.mim.masking='attention'"),
+    (dict(mim__masking="blocky"), "config.mim.masking='blocky'"),
+    (dict(mim__mask_ratio=1.0), "config.mim.mask_ratio=1.0"),
+    (dict(mim__mode="beit"), "mim.mode='beit'"),
+    (dict(mim__target="hog"), "mim.target='hog'"),
+    (dict(mim__decoder_width=30, mim__decoder_heads=4), "mim.decoder_width=30"),
+])
+def test_bad_mim_config_is_named(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_lib.validate(tiny_config(**overrides), num_devices=8)
+
+
+def test_masking_options_are_checked_against_the_strategy():
+    c = tiny_config(mim__masking="block")
+    c.mim.masking_options.min_num_patches = 4
+    config_lib.validate(c, num_devices=8)
+    c.mim.masking_options.min_num_pathces = 4
+    with pytest.raises(ValueError, match=re.escape("min_num_pathces")):
+        config_lib.validate(c, num_devices=8)
+    c = tiny_config(mim__masking="grid")
+    c.mim.masking_options.cell = 3  # 3 does not divide the 8 x 8 patch grid
+    with pytest.raises(ValueError, match=re.escape("mim.masking_options={'cell': 3}")):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_short_mae_run_lowers_the_loss_and_draws_reconstructions(tmp_path):
+    trainer = Trainer(tiny_config(total_steps=30, eval_every=0, checkpoint_every=30, data__train_examples=64),
+                      str(tmp_path))
+    result = trainer.run()
+    records = [r for r in map(__import__("json").loads, open(result.paths["metrics"])) if "train/loss" in r]
+    assert records[-1]["train/loss"] < records[0]["train/loss"]
+    assert {"loss", "psnr"} <= set(result.eval_metrics)
+    images = list((tmp_path / "images").iterdir())
+    assert len(images) == 1 and images[0].suffix == ".png"
