@@ -3,8 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-WORKDIR ?= workdirs/vit_builtin
-CONFIG ?= configs/vit_builtin.py
+WORKDIR ?= workdirs/mae_builtin
+CONFIG ?= configs/mae_builtin.py
 
 .PHONY: run test install clean
 
