@@ -138,11 +138,12 @@ def test_default_scale_and_dtype():
     assert_close(out16.astype(jnp.float32), ref, 3e-2, "bfloat16 inputs")
 
 
-def test_fully_masked_rows_give_zeros_and_zero_gradients():
-    # Same shapes and config as the "padding_gqa" case, so the compiled program is shared.
+@pytest.mark.parametrize("config", [(), (("block_size", 8),)], ids=["one_chunk", "streamed"])
+def test_fully_masked_rows_give_zeros_and_zero_gradients(config):
+    # Same shapes and configs as the "padding_gqa" / "global_streamed_padding_gqa" cases (shared programs).
     q, k, v, d_out = sphere_inputs(jax.random.key(9), 2, 29, 2, 4, 1.0, kv_heads=1)
     key_valid = jnp.array([[False], [True]]) & jnp.ones((1, 29), bool)  # batch 0 has no key at all
-    ours = approx_all_modes(q, k, v, d_out, key_valid[:, None, None, :], g=2, config=())
+    ours = approx_all_modes(q, k, v, d_out, key_valid[:, None, None, :], g=2, config=config)
     for mode in MODES:
         for x in ours[mode]:
             assert bool(jnp.all(jnp.isfinite(x))) and float(jnp.max(jnp.abs(x[0]))) == 0.0, mode
