@@ -67,6 +67,10 @@ def favor_plus_fn(num_features, d, seed=0):
 
 
 def approx_fn(mode, degree, causal=False, window=None, block_size=128):
+    """block_size applies to causal/windowed attention only: on the global path it would set the streaming
+    chunk (rows per loop step), which the library chooses itself."""
+    if not causal and window is None:
+        block_size = None
     return lambda q, k, v: approx_attention(q, k, v, scale=1.0, degree=degree, approx_mode=mode,
                                             causal=causal, window=window, block_size=block_size)
 
