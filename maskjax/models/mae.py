@@ -22,7 +22,7 @@ from maskjax.models.layers import DEFAULT_KERNEL_INIT, ZEROS, Encoder, pair, pos
 from maskjax.models.vit import ViT
 
 MIM_MODES = ("mae", "mask_token")
-TARGETS = ("pixels", "norm_pixels")
+TARGETS = ("pixels", "norm_pixels", "hog")
 
 
 def patchify(images: jax.Array, patch_size: Any) -> jax.Array:
@@ -57,10 +57,41 @@ def normalize_patches(patches: jax.Array, eps: float = 1e-6) -> tuple[jax.Array,
     return (patches - mean) / std, mean, std
 
 
+def hog_features(images: jax.Array, patch_size: Any, *, bins: int = 9, cell: Optional[int] = None,
+                 eps: float = 1e-6) -> jax.Array:
+    """MaskFeat's target: histograms of oriented gradients per patch, per channel.
+
+    Gradients by central differences [-1, 0, 1] (zero outside the image); unsigned orientation in [0, pi) split
+    into `bins` equal bins, each pixel voting its gradient magnitude into one bin; votes summed over square
+    cells of `cell` pixels (default: the whole patch); each patch's vector L2-normalised.
+    images [B, H, W, C] -> [B, N, (ph/cell)·(pw/cell)·C·bins] in the order (cell row, cell col, channel, bin).
+    """
+    chex.assert_rank(images, 4)
+    (ph, pw) = pair(patch_size, "patch_size")
+    cell = min(ph, pw) if cell is None else int(cell)
+    if bins < 1 or cell < 1 or ph % cell or pw % cell:
+        raise ValueError(f"hog_features: bins={bins} must be >= 1 and cell={cell} must divide the patch {(ph, pw)}")
+    x = images.astype(jnp.float32)
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    gx = padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2]
+    gy = padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1]
+    magnitude = jnp.sqrt(gx * gx + gy * gy)
+    angle = jnp.mod(jnp.arctan2(gy, gx), jnp.pi)
+    index = jnp.minimum((angle / jnp.pi * bins).astype(jnp.int32), bins - 1)
+    votes = jax.nn.one_hot(index, bins, dtype=jnp.float32) * magnitude[..., None]  # [B, H, W, C, bins]
+    b, h, w, c, _ = votes.shape
+    cells = votes.reshape(b, h // cell, cell, w // cell, cell, c, bins).sum(axis=(2, 4))  # [B, h/cell, w/cell, C, bins]
+    per_patch = patchify(cells.reshape(b, h // cell, w // cell, c * bins), (ph // cell, pw // cell))
+    return per_patch / jnp.sqrt(jnp.sum(per_patch * per_patch, axis=-1, keepdims=True) + eps)
+
+
 def patch_targets(images: jax.Array, patch_size: Any, target: str = "norm_pixels") -> jax.Array:
-    """Reconstruction targets [B, N, ph·pw·C] of images [B, H, W, C]: 'pixels' or 'norm_pixels' (MAE)."""
+    """Reconstruction targets [B, N, D] of images [B, H, W, C]: 'pixels' or 'norm_pixels' (MAE, D = ph·pw·C),
+    'hog' (MaskFeat, D = C·9 with one cell per patch; see `hog_features`)."""
     if target not in TARGETS:
         raise ValueError(f"patch_targets: target={target!r} must be one of {TARGETS}")
+    if target == "hog":
+        return hog_features(images, patch_size)
     patches = patchify(images.astype(jnp.float32), patch_size)
     return normalize_patches(patches)[0] if target == "norm_pixels" else patches
 

@@ -80,6 +80,11 @@ class ClassificationTask:
         count = max(float(sums["count"]), 1.0)
         return {name: float(value) / count for name, value in sums.items() if name != "count"}
 
+    def features(self, params: Any, images: jax.Array) -> jax.Array:
+        """Frozen features for probes: the pre-logits [B, width] (float32)."""
+        _, aux = self.model.apply({"params": params}, images, train=False)
+        return aux["pre_logits"].astype(jnp.float32)
+
     def predict(self, params: Any, images: jax.Array) -> jax.Array:
         """[b] predicted classes of images [b, H, W, C]."""
         logits, _ = self.model.apply({"params": params}, images, train=False)

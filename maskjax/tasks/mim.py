@@ -2,7 +2,9 @@
 reconstruction metrics and a PNG grid (original / masked / reconstruction).
 
 Images arrive in [-1, 1] (maskjax.data.preprocess.normalize); reconstruction PSNR is measured on that range
-(data range 2), on masked patches. The masking of step s is drawn from the step key the trainer derives from
+(data range 2), on masked patches. With 'norm_pixels' the reconstruction uses each masked patch's true mean and
+standard deviation (as MAE's visualisation does), so its PSNR measures structure, not absolute intensity.
+Targets: 'pixels', 'norm_pixels' (MAE), 'hog' (MaskFeat; no pixel reconstruction, so no PSNR). The masking of step s is drawn from the step key the trainer derives from
 (seed, s); evaluation uses fixed masks (key of `seed` and the batch position) so numbers compare across runs.
 """
 
@@ -15,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from maskjax import masking as masking_lib
-from maskjax.models.mae import MAE, masked_mse, normalize_patches, patchify, unpatchify
+from maskjax.models.mae import MAE, hog_features, masked_mse, normalize_patches, patchify, unpatchify
 from maskjax.tasks.classification import vit_from_config
 
 Batch = Mapping[str, jax.Array]
@@ -61,8 +63,16 @@ class MIMTask:
         return self.model.encoder.patch_grid(images.shape[1:3])
 
     def _targets(self, images: jax.Array) -> jax.Array:
+        if self.target == "hog":
+            return hog_features(images, self.patch_size)
         patches = patchify(images.astype(jnp.float32), self.patch_size)
         return normalize_patches(patches)[0] if self.target == "norm_pixels" else patches
+
+    def _model(self, images: jax.Array) -> MAE:
+        """The MAE with its output sized for the target of these images (HOG: 9 bins per channel per patch)."""
+        if self.target != "hog":
+            return self.model
+        return self.model.clone(output_dim=9 * images.shape[-1])
 
     def _eval_masking(self, images: jax.Array) -> masking_lib.MaskingResult:
         key = masking_lib.masking_key(self.config.seed, 0)
@@ -71,23 +81,27 @@ class MIMTask:
     def init(self, rng: jax.Array, batch: Batch) -> Any:
         images = batch["image"]
         masks = self._eval_masking(images)
-        return self.model.init({"params": rng}, images, masks, train=False)
+        return self._model(images).init({"params": rng}, images, masks, train=False)
 
     def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:
         images = batch["image"]
         chex.assert_rank(images, 4)
         mask_rng, dropout_rng, drop_path_rng = jax.random.split(rng, 3)
         masks = self.masking(mask_rng, images.shape[0], self._grid(images))
-        pred, _ = self.model.apply({"params": params}, images, masks, train=train,
-                                   rngs={"dropout": dropout_rng, "drop_path": drop_path_rng})
+        pred, _ = self._model(images).apply({"params": params}, images, masks, train=train,
+                                            rngs={"dropout": dropout_rng, "drop_path": drop_path_rng})
         loss = masked_mse(pred, self._targets(images), masks.mask)
         return loss, {"masked_fraction": jnp.mean(masks.mask.astype(jnp.float32))}
 
     def reconstruct(self, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(reconstruction [B, H, W, C] in image units, with visible patches copied from the input; mask [B, N])."""
+        """(reconstruction [B, H, W, C] in image units, with visible patches copied from the input; mask [B, N]).
+        With the 'hog' target nothing is reconstructed: masked patches are 0 (grey)."""
         masks = self._eval_masking(images)
-        pred, _ = self.model.apply({"params": params}, images, masks, train=False)
         patches = patchify(images.astype(jnp.float32), self.patch_size)
+        if self.target == "hog":
+            merged = jnp.where(masks.mask[..., None], 0.0, patches)
+            return unpatchify(merged, self.patch_size, self._grid(images), images.shape[-1]), masks.mask
+        pred, _ = self.model.apply({"params": params}, images, masks, train=False)
         if self.target == "norm_pixels":  # undo the per-patch normalisation with the true patch statistics
             _, mean, std = normalize_patches(patches)
             pred = pred * std + mean
@@ -98,23 +112,32 @@ class MIMTask:
         """Sums over valid examples: reconstruction loss and PSNR (masked patches, data range 2)."""
         images = batch["image"]
         masks = self._eval_masking(images)
-        pred, _ = self.model.apply({"params": params}, images, masks, train=False)
+        pred, _ = self._model(images).apply({"params": params}, images, masks, train=False)
         targets = self._targets(images)
         weights = masks.mask.astype(jnp.float32)
         per_patch = jnp.mean(jnp.square(pred - targets), axis=-1)
         loss = jnp.sum(per_patch * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        valid = batch["valid"].astype(jnp.float32)
+        if self.target == "hog":
+            return {"count": jnp.sum(valid), "loss": jnp.sum(loss * valid)}
         recon, _ = self.reconstruct(params, images)
         pixel_err = jnp.square(patchify(recon, self.patch_size) - patchify(images.astype(jnp.float32),
                                                                            self.patch_size))
         mse = jnp.sum(jnp.mean(pixel_err, axis=-1) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
         psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
-        valid = batch["valid"].astype(jnp.float32)
         return {"count": jnp.sum(valid), "loss": jnp.sum(loss * valid), "psnr": jnp.sum(psnr * valid)}
 
     @staticmethod
     def summarize(sums: Mapping[str, float]) -> dict[str, float]:
         count = max(float(sums["count"]), 1.0)
         return {name: float(value) / count for name, value in sums.items() if name != "count"}
+
+    def features(self, params: Any, images: jax.Array) -> jax.Array:
+        """Frozen features for probes: the encoder on every patch (no masking), mean of its patch tokens after
+        the final norm -> [B, width] float32."""
+        encoder = self.model.encoder
+        _, aux = encoder.apply({"params": params["encoder"]}, images, train=False)
+        return jnp.mean(aux["encoded"][:, encoder.num_prefix_tokens:].astype(jnp.float32), axis=1)
 
     def predict(self, params: Any, images: jax.Array) -> jax.Array:
         """Reconstructions [B, H, W, C] (visible patches from the input), the gallery's 'predictions'."""

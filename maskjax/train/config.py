@@ -72,11 +72,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.mim.mask_ratio = 0.75  # Fraction of patches masked (exact count per image).
     c.mim.masking = "random"  # Strategy of maskjax.masking: 'random', 'block', 'grid', 'noise', 'checkerboard'.
     c.mim.masking_options = ml_collections.ConfigDict()  # Keyword options of the strategy (e.g. min_num_patches).
-    c.mim.target = "norm_pixels"  # 'pixels' or 'norm_pixels' (per-patch normalised, MAE).
+    c.mim.target = "norm_pixels"  # "pixels", "norm_pixels" (per-patch normalised, MAE) or "hog" (MaskFeat).
     c.mim.decoder_width = 128  # Decoder transformer width.
     c.mim.decoder_depth = 2  # Decoder blocks (0 = linear head on the encoder output).
     c.mim.decoder_heads = 4  # Decoder attention heads.
     c.mim.decoder_mlp_dim = 512  # Decoder MLP width.
+
+    c.probe = ml_collections.ConfigDict()  # Frozen-feature evaluation at the end of training.
+    c.probe.enabled = False  # Linear probe + k-NN on the task's features (MIM: mean of encoder patch tokens).
+    c.probe.train_examples = 5000  # Train-split examples the probes fit on (-1 = all; no augmentation).
+    c.probe.eval_examples = -1  # Eval-split examples they are scored on (-1 = all).
+    c.probe.random_init = True  # Also probe the same model at its initialisation (this run's step 0).
+    c.probe.knn_k = 20  # Neighbours of the k-NN classifier.
 
     c.loss = ml_collections.ConfigDict()
     c.loss.label_smoothing = 0.0  # Label smoothing of the softmax cross-entropy.
@@ -246,6 +253,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             jax.eval_shape(lambda key: mask_fn(key, 2, grid), jax.random.key(0))
         except ValueError as err:
             _fail("mim.masking_options", m.masking_options.to_dict(), f"strategy {m.masking!r} on a {grid} grid: {err}")
+
+    if config.probe.enabled:
+        if config.probe.train_examples == 0 or config.probe.train_examples < -1:
+            _fail("probe.train_examples", config.probe.train_examples, "must be a positive count or -1 (all)")
+        if config.probe.eval_examples == 0 or config.probe.eval_examples < -1:
+            _fail("probe.eval_examples", config.probe.eval_examples, "must be a positive count or -1 (all)")
+        if config.probe.knn_k < 1:
+            _fail("probe.knn_k", config.probe.knn_k, "must be >= 1")
 
     opt = config.optimizer
     if opt.name not in ("adamw", "adam", "sgd", "lamb"):

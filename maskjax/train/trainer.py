@@ -320,6 +320,10 @@ class Trainer:
                 eval_metrics = self.evaluate(state.params)
                 writer.write_scalars(step, eval_metrics, prefix="eval")
                 self._write_predictions(writer, state.params, step)
+                if config.probe.enabled:
+                    probe_metrics = self.probe(state.params)
+                    writer.write_scalars(step, probe_metrics, prefix="probe")
+                    eval_metrics.update({f"probe/{k}": v for k, v in probe_metrics.items()})
         finally:
             checkpointer.close()
             writer.close()
@@ -338,6 +342,39 @@ class Trainer:
         if jax.process_count() > 1:
             stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
         return stop
+
+    def probe(self, params: Any) -> dict:
+        """Linear probe and k-NN accuracy of the task's frozen features (`task.features`), and, with
+        `probe.random_init`, of the same model at this run's initialisation. Every process computes the same
+        numbers from replicated parameters (probes are small; this keeps them identical across hosts)."""
+        from maskjax.evaluate import probe as probe_lib
+
+        cfg, data = self.config.probe, self.config.data
+        replicated = sharding_lib.replicated(self.mesh)
+        feature_fn = jax.jit(self.task.features)
+
+        def batches(source, limit):
+            return pipeline.eval_batches(source, global_batch_size=self.config.eval_batch_size,
+                                         image_size=data.image_size, num_examples=limit if limit > 0 else None,
+                                         num_threads=data.num_threads, prefetch=data.prefetch)
+
+        def scores(model_params):
+            model_params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated)(model_params))
+            train = probe_lib.extract_features(feature_fn, model_params, batches(self.train_source, cfg.train_examples))
+            test = probe_lib.extract_features(feature_fn, model_params, batches(self.eval_source, cfg.eval_examples))
+            num_classes = self.config.model.num_classes
+            linear = probe_lib.linear_probe(*train, *test, num_classes=num_classes, seed=self.config.seed)
+            knn = probe_lib.knn_classifier(*train, *test, k=min(cfg.knn_k, len(train[1])), num_classes=num_classes)
+            return {"linear_accuracy": float(linear["test_accuracy"]), "knn_accuracy": float(knn["top1"])}
+
+        out = scores(params)
+        if cfg.random_init:
+            sample = self._sample_batch()
+            init_key = jax.random.fold_in(self.root_key, PURPOSE_INIT)
+            with _mesh_context(self.mesh, self.rules):
+                initial = jax.jit(lambda k: nn.meta.unbox(self.task.init(k, sample))["params"])(init_key)
+            out.update({f"random_init_{k}": v for k, v in scores(initial).items()})
+        return out
 
     def _write_predictions(self, writer: MetricWriter, params: Any, step: int) -> None:
         count = self.config.num_visualize

@@ -154,3 +154,38 @@ def test_mae_learns_a_position_dependent_image():
         losses.append(float(loss))
     # predicting zeros scores mean(target^2) = 1 on norm-pix targets
     assert losses[-1] < 0.25 * float(jnp.mean(jnp.square(target))), losses[::15]
+
+
+def np_hog(image, patch, bins, cell):
+    """Per-pixel loops: central differences with zero padding, unsigned angle, hard votes, per-patch L2 norm."""
+    h, w, c = image.shape
+    padded = np.pad(image.astype(np.float64), ((1, 1), (1, 1), (0, 0)))
+    out = []
+    for pi in range(h // patch):
+        for pj in range(w // patch):
+            vec = []
+            for ci in range(patch // cell):
+                for cj in range(patch // cell):
+                    hist = np.zeros((c, bins))
+                    for y in range(pi * patch + ci * cell, pi * patch + (ci + 1) * cell):
+                        for x in range(pj * patch + cj * cell, pj * patch + (cj + 1) * cell):
+                            for ch in range(c):
+                                gx = padded[y + 1, x + 2, ch] - padded[y + 1, x, ch]
+                                gy = padded[y + 2, x + 1, ch] - padded[y, x + 1, ch]
+                                angle = np.arctan2(gy, gx) % np.pi
+                                hist[ch, min(int(angle / np.pi * bins), bins - 1)] += np.hypot(gx, gy)
+                    vec.append(hist.reshape(-1))
+            vec = np.concatenate(vec)
+            out.append(vec / np.sqrt(np.sum(vec ** 2) + 1e-6))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("patch, cell", [(4, None), (4, 2)])
+def test_hog_target_matches_a_numpy_loop(patch, cell):
+    from maskjax.models.mae import hog_features
+    x = images(2, 8, 2, seed=4)
+    got = np.asarray(hog_features(jnp.asarray(x), patch, cell=cell))
+    want = np.stack([np_hog(im, patch, 9, cell or patch) for im in x])
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    with pytest.raises(ValueError, match=re.escape("cell=3 must divide the patch (4, 4)")):
+        hog_features(jnp.asarray(x), patch, cell=3)

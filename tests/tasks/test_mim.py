@@ -79,7 +79,7 @@ def test_reconstruction_keeps_visible_patches_and_psnr_matches_numpy():
     (dict(mim__masking="blocky"), "config.mim.masking='blocky'"),
     (dict(mim__mask_ratio=1.0), "config.mim.mask_ratio=1.0"),
     (dict(mim__mode="beit"), "mim.mode='beit'"),
-    (dict(mim__target="hog"), "mim.target='hog'"),
+    (dict(mim__target="hog_features"), "mim.target='hog_features'"),
     (dict(mim__decoder_width=30, mim__decoder_heads=4), "mim.decoder_width=30"),
 ])
 def test_bad_mim_config_is_named(overrides, message):
@@ -109,3 +109,19 @@ def test_short_mae_run_lowers_the_loss_and_draws_reconstructions(tmp_path):
     assert {"loss", "psnr"} <= set(result.eval_metrics)
     images = list((tmp_path / "images").iterdir())
     assert len(images) == 1 and images[0].suffix == ".png"
+
+
+def test_hog_target_trains_a_model_with_matching_output():
+    from maskjax.models.mae import hog_features
+    task = MIMTask(tiny_config(mim__target="hog"))
+    b = batch()
+    params = nn.meta.unbox(task.init(jax.random.key(0), b))["params"]
+    assert params["decoder_pred"]["kernel"].shape[-1] == 27  # 9 bins x 3 channels, one cell per 4x4 patch
+    rng = jax.random.key(3)
+    loss, _ = task.loss(params, b, rng, train=False)
+    result = masking.random_masking(jax.random.split(rng, 3)[0], 4, (8, 8), 0.75)
+    pred = np.asarray(task._model(b["image"]).apply({"params": params}, b["image"], result)[0])
+    target = np.asarray(hog_features(b["image"], 4))
+    mask = np.asarray(result.mask)
+    np.testing.assert_allclose(float(loss), ((pred - target) ** 2).mean(-1)[mask].mean(), rtol=1e-5)
+    assert set(task.summarize(task.eval_sums(params, b))) == {"loss"}
