@@ -4,6 +4,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -40,6 +41,12 @@ class Checkpointer:
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored.state, dict(restored.meta)
+
+    def restore_params(self, step: int) -> Any:
+        """The 'params' subtree of checkpoint `step` as numpy arrays, whatever model and mesh wrote it (for
+        initialising another model from it; replicated on every process)."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return jax.tree.map(np.asarray, jax.device_get(restored.state["params"]))
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""

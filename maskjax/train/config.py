@@ -78,6 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mim.decoder_heads = 4  # Decoder attention heads.
     c.mim.decoder_mlp_dim = 512  # Decoder MLP width.
 
+    c.init_from = ml_collections.ConfigDict()  # Start from another run's parameters (fine-tuning).
+    c.init_from.workdir = ""  # Workdir of the run whose checkpoint to load ('' = fresh initialisation).
+    c.init_from.step = -1  # Its checkpoint step (-1 = latest).
+    c.init_from.params_key = ""  # Sub-tree of its parameters to load, '/'-separated (MAE encoder: 'encoder').
+
     c.probe = ml_collections.ConfigDict()  # Frozen-feature evaluation at the end of training.
     c.probe.enabled = False  # Linear probe + k-NN on the task's features (MIM: mean of encoder patch tokens).
     c.probe.train_examples = 5000  # Train-split examples the probes fit on (-1 = all; no augmentation).

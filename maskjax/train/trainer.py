@@ -232,7 +232,48 @@ class Trainer:
         """The latest checkpoint of the workdir if there is one, else a fresh state."""
         if checkpointer is not None and checkpointer.latest_step() is not None:
             return self.restore(checkpointer, checkpointer.latest_step())
-        return self._create_state()
+        state = self._create_state()
+        if self.config.init_from.workdir:
+            state = self._init_from_checkpoint(state)
+        return state
+
+    def _init_from_checkpoint(self, state: TrainState) -> TrainState:
+        """Fresh state whose parameters under `init_from.params_key` come from another run's checkpoint (e.g. an
+        MAE encoder for fine-tuning); parameters it lacks (a new head) keep their initialisation. The optimizer
+        state is rebuilt for the new parameters."""
+        cfg = self.config.init_from
+        source = ckpt_lib.Checkpointer(cfg.workdir, keep=1, async_save=False)
+        try:
+            step = source.latest_step() if cfg.step < 0 else cfg.step
+            if step is None or step not in source.all_steps():
+                raise ValueError(f"config.init_from.workdir={cfg.workdir!r}: no checkpoint at step "
+                                 f"{'latest' if cfg.step < 0 else cfg.step} (found {source.all_steps()})")
+            loaded = source.restore_params(step)
+        finally:
+            source.close()
+        for part in filter(None, cfg.params_key.split("/")):
+            if part not in loaded:
+                raise ValueError(f"config.init_from.params_key={cfg.params_key!r}: {part!r} is not in the checkpoint's "
+                                 f"parameters (top-level keys: {sorted(loaded)})")
+            loaded = loaded[part]
+        fresh = flax.traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+        incoming = flax.traverse_util.flatten_dict(loaded, sep="/")
+        unknown = sorted(set(incoming) - set(fresh))
+        mismatched = [f"{k}: checkpoint {np.shape(incoming[k])} vs model {np.shape(fresh[k])}"
+                      for k in sorted(set(incoming) & set(fresh)) if np.shape(incoming[k]) != np.shape(fresh[k])]
+        if unknown or mismatched:
+            raise ValueError(f"config.init_from: checkpoint parameters do not fit the model: unknown {unknown[:5]}, "
+                             f"shape mismatches {mismatched[:5]}")
+        merged = flax.traverse_util.unflatten_dict({k: incoming.get(k, v) for k, v in fresh.items()}, sep="/")
+        if self.is_main:
+            print(f"Initialised {len(incoming)} of {len(fresh)} parameter arrays from {cfg.workdir} step {step}"
+                  f"{' (' + cfg.params_key + ')' if cfg.params_key else ''}; kept the initialisation of "
+                  f"{sorted(set(fresh) - set(incoming))}", flush=True)
+        shardings = self.state_shardings
+        params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), merged,
+                              shardings.params)
+        opt_state = jax.jit(self.tx.init, out_shardings=shardings.opt_state)(params)
+        return TrainState(step=state.step, params=params, opt_state=opt_state)
 
     def restore(self, checkpointer: ckpt_lib.Checkpointer, step: int) -> TrainState:
         """Restores `step` onto this trainer's mesh, whatever mesh wrote it."""

@@ -1,0 +1,67 @@
+"""Fine-tuning from another run: an MAE encoder loads into a classifier (head and missing parts keep their init),
+on another mesh; mismatches are named."""
+
+import re
+
+import flax
+import jax
+import numpy as np
+import pytest
+
+from configs import mae_builtin, vit_builtin
+from maskjax.train import checkpoint as ckpt_lib
+from maskjax.train.trainer import Trainer
+
+
+def quiet(c, **overrides):
+    c.progress_bar, c.eval_examples, c.eval_batch_size, c.num_visualize, c.data.num_threads = False, 64, 32, 0, 0
+    c.probe.enabled = False
+    for dotted, value in overrides.items():
+        target = c
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def mae_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("mae"))
+    c = quiet(mae_builtin.get_config("runlocal"), total_steps=4, checkpoint_every=4, eval_every=0,
+              optimizer__warmup_steps=1, async_checkpointing=False)
+    Trainer(c, workdir).run()
+    source = ckpt_lib.Checkpointer(workdir, async_save=False)
+    params = source.restore_params(4)
+    source.close()
+    return workdir, params
+
+
+def test_mae_encoder_initialises_a_classifier_on_another_mesh(tmp_path, mae_run):
+    workdir, mae_params = mae_run
+    c = quiet(vit_builtin.get_config("runlocal"), model__posemb="sincos2d", init_from__workdir=workdir,
+              init_from__params_key="encoder", mesh__data=4, mesh__model=2)
+    trainer = Trainer(c, str(tmp_path), devices=jax.devices()[:8])
+    params = flax.traverse_util.flatten_dict(jax.device_get(trainer.initial_state().params), sep="/")
+    encoder = flax.traverse_util.flatten_dict(mae_params["encoder"], sep="/")
+    for key, value in encoder.items():
+        np.testing.assert_array_equal(params[key], value)
+    fresh = flax.traverse_util.flatten_dict(jax.device_get(
+        Trainer(quiet(vit_builtin.get_config("runlocal"), model__posemb="sincos2d"), str(tmp_path / "fresh"))
+        .initial_state().params), sep="/")
+    assert set(params) - set(encoder) == {"head/kernel", "head/bias"}
+    np.testing.assert_array_equal(params["head/kernel"], fresh["head/kernel"])
+    assert not np.array_equal(params["encoder/block_0/attn/query/kernel"], fresh["encoder/block_0/attn/query/kernel"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(init_from__params_key="decoder_embed/x"), "config.init_from.params_key='decoder_embed/x'"),
+    (dict(init_from__params_key="", ), "unknown ['decoder/block_0/attn/key/bias'"),
+    (dict(init_from__step=7), "no checkpoint at step 7 (found [4])"),
+    (dict(model__width=64, model__num_heads=2, model__mlp_dim=64), "shape mismatches ['cls: checkpoint (1, 1, 32) vs model (1, 1, 64)'"),
+])
+def test_mismatched_checkpoints_are_named(tmp_path, mae_run, overrides, message):
+    settings = dict(model__posemb="sincos2d", init_from__workdir=mae_run[0], init_from__params_key="encoder")
+    c = quiet(vit_builtin.get_config("runlocal"), **dict(settings, **overrides))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Trainer(c, str(tmp_path)).initial_state()
