@@ -107,6 +107,8 @@ def _load_config_file(name):
     ("vit_builtin.py", None), ("vit_builtin.py", "runlocal"), ("vit_fashion_mnist.py", None),
     ("vit_fashion_mnist.py", "runlocal"), ("vit_local_window.py", None), ("vit_local_window.py", "runlocal"),
     ("vit_local_window.py", "mask=swin"), ("vit_local_window.py", "mask=directional_2d,radius=1"),
+    ("mae_builtin.py", None), ("mae_builtin.py", "runlocal"), ("mae_builtin.py", "masking=block,mode=mask_token"),
+    ("mae_fashion_mnist.py", None), ("mae_fashion_mnist.py", "runlocal"), ("mae_imagenet.py", None),
 ])
 def test_config_files_validate_and_build_their_models(name, arg):
     from maskjax.tasks.classification import vit_from_config
@@ -114,6 +116,9 @@ def test_config_files_validate_and_build_their_models(name, arg):
     config_lib.validate(c, num_devices=8)
     model = vit_from_config(c.model)
     assert model.token_mask.kind == c.model.attention.mask
+    if name == "mae_imagenet.py":
+        assert c.total_steps == 1600 * (1_281_167 // 4096) and c.optimizer.learning_rate == 1.5e-4 * 16
+        assert (model.width, model.depth, model.num_heads) == (768, 12, 12) and c.mim.mask_ratio == 0.75
     if name == "vit_local_window.py":
         assert model.token_mask.kind == (arg or "mask=window_2d").split(",")[0].split("=")[-1].replace(
             "runlocal", "window_2d")
