@@ -80,7 +80,18 @@ def main():
     parser.add_argument("--max-seconds", type=float, default=40.0)
     parser.add_argument("--dense-max-n", type=int, default=8192)
     parser.add_argument("--out", default=os.path.join(common.RESULTS, "time_vs_n"))
+    parser.add_argument("--render", metavar="JSON", help="only re-render the report and plot from a results JSON "
+                        "written by an earlier run (no timing)")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        args.configs = saved.get("configs") or list(dict.fromkeys(f"{r['d']}:{r['g']}" for r in saved["rows"]))
+        args.methods = [m for m in METHODS if any(r["method"] == m for r in saved["rows"])]
+        summary = summarize(saved["rows"], args.configs)
+        write_report(args, saved["command"], saved["machine"], saved["rows"], summary, saved["skipped"])
+        plot(args, saved["rows"], summary)
+        return
     command = "python experiments/approx_gradient/time_vs_n.py " + " ".join(sys.argv[1:])
     machine = common.machine_note()
 
@@ -132,7 +143,8 @@ def main():
     skipped = sorted(set(skipped), key=skipped.index)
     summary = summarize(rows, args.configs)
     with open(args.out + ".json", "w") as f:
-        json.dump(dict(command=command, machine=machine, rows=rows, summary=summary, skipped=skipped), f, indent=1)
+        json.dump(dict(command=command, machine=machine, configs=args.configs, rows=rows, summary=summary,
+                       skipped=skipped), f, indent=1)
     write_report(args, command, machine, rows, summary, skipped)
     plot(args, rows, summary)
 
@@ -174,6 +186,9 @@ def write_report(args, command, machine, rows, summary, skipped):
                 "noisy (minimum over repetitions); slopes and ratios are the robust part.",
                 "Inputs: q, k = unit vectors (|q·k| <= 1), batch 1, one head, float32; one call = forward + "
                 "backward (dQ, dK, dV)."]
+    goals = goal_lines(summary)
+    if goals:
+        sections.append("## Goals (issue 4)\n\n" + "\n".join(f"- {line}" for line in goals))
     table = []
     for e in summary:
         sp = e["speedup_16384"]
@@ -195,6 +210,43 @@ def write_report(args, command, machine, rows, summary, skipped):
                         + common.md_table(["method"] + [str(n) for n in ns], grid))
     sections.append("## Skipped\n\n" + ("\n".join(f"- {s}" for s in skipped) if skipped else "none"))
     common.write_md(args.out + ".md", "Approximate-gradient attention: time vs n", command, sections)
+
+
+SLOPE_GOAL, SPEEDUP_GOAL, COSINE_GOAL = 1.15, 20.0, 0.999
+
+
+def gradient_cosine(d, g, bound=1.0, n=16384, method="lowrank"):
+    """Smallest of the dQ/dK/dV cosines with the exact gradient from results/error_vs_n.json (None if absent)."""
+    path = os.path.join(common.RESULTS, "error_vs_n.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    for r in rows:
+        if (r["d"], r["g"], r["bound"], r["n"], r["method"]) == (d, g, bound, n, method):
+            return min(r["dq_cos"], r["dk_cos"], r["dv_cos"])
+    return None
+
+
+def goal_lines(summary):
+    """Plain statements of the two issue-4 goals for lowrank at d = 16, g = 2 (when that config was run)."""
+    entry = next((e for e in summary if (e["d"], e["g"], e["method"]) == (16, 2, "lowrank")), None)
+    if entry is None:
+        return []
+    lines = []
+    slope = entry["slope"]
+    if slope is not None:
+        lines.append(f"Slope of lowrank (d=16, g=2) over n = 2048…32768 <= {SLOPE_GOAL}: "
+                     f"**{'met' if slope <= SLOPE_GOAL else 'not met'}** (fitted slope {slope:.2f}).")
+    sp, cos = entry["speedup_16384"], gradient_cosine(16, 2)
+    if sp is not None:
+        cos_note = ("no error_vs_n.json cell for d=16, g=2, B=1, n=16384" if cos is None else
+                    f"smallest gradient cosine (dQ, dK, dV) at B=1, n=16384: {cos:.5f}, from results/error_vs_n.json")
+        met = sp[0] >= SPEEDUP_GOAL and cos is not None and cos >= COSINE_GOAL
+        lines.append(f"Speed-up of lowrank (d=16, g=2) at n=16384 >= {SPEEDUP_GOAL:.0f}× with gradient cosine >= "
+                     f"{COSINE_GOAL} at B=1: **{'met' if met else 'not met'}** ({sp[0]:.1f}× vs {sp[1]}, the fastest "
+                     f"exact baseline measured at n=16384; {cos_note}).")
+    return lines
 
 
 def rank_of(entry):
