@@ -26,7 +26,10 @@ from maskjax.evaluate.metrics import softmax_cross_entropy
 
 # BatchNorm1d(affine=False, eps=1e-6) in MAE's linear probing: the same standardisation of the features.
 STANDARDIZE_EPS = 1e-6
-# Default sweep of the linear probe; picked on a held-out part of the train features (see `linear_probe`).
+# Default sweep of the linear probe, picked on a held-out part of the train features (see `linear_probe`).
+# With standardised features, Adam at 0.1 reaches the regularised optimum in 300 steps (objective within 1e-4 of
+# L-BFGS in the tests); 0.01 stops short of it, which acts as extra (early-stopping) regularisation. Weight decay
+# is the real regulariser: 0 (MAE's probe uses none) up to 1e-2, for small or noisy probe sets.
 DEFAULT_LEARNING_RATES = (0.01, 0.1)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
@@ -72,6 +75,8 @@ def _check_batch(batch: Mapping[str, Any], index: int) -> tuple[Any, np.ndarray,
     if "image" not in batch or "label" not in batch:
         raise ValueError(f"batch {index} needs 'image' and 'label', got keys {sorted(batch)}")
     images, labels = batch["image"], np.asarray(batch["label"])
+    if not hasattr(images, "dtype"):
+        images = np.asarray(images)
     if np.ndim(images) != 4:
         raise ValueError(f"batch {index}: 'image' must be [b, H, W, C], got shape {np.shape(images)}")
     b = np.shape(images)[0]
@@ -235,7 +240,9 @@ def linear_probe(train_features: Any, train_labels: Any, test_features: Any, tes
     random (1 - holdout_fraction) part of the train features and scored on the held-out rest; the pair with the
     highest held-out accuracy wins, ties broken by the lower held-out cross-entropy. The winner is then refit on
     all train features, which gives the reported accuracies. With one pair there is no held-out split.
-    Everything is deterministic given `seed` (split and mini-batch draws).
+    Everything is deterministic given `seed` (split and mini-batch draws). Cost: (number of pairs) x steps passes
+    over the fitting features, e.g. ~10 s on 2 CPU cores for 20k x 192 features and the default 8 pairs; pass
+    `batch_size` (e.g. 1024-4096) for large N.
 
     Args:
       train_features: [N, D]; train_labels: int [N] in [0, num_classes); likewise test_*: [M, D], [M].
@@ -313,8 +320,9 @@ def _knn_chunk(queries: jax.Array, train: jax.Array, train_labels: jax.Array, te
     sims = jnp.matmul(queries, train.T, precision=jax.lax.Precision.HIGHEST)  # [c, N_train]
     top_sims, top_idx = jax.lax.top_k(sims, k)  # Equal similarities: the lower train index first.
     # exp(sim / T) rescaled by exp(-max sim / T) per query so small temperatures cannot overflow; the scale
-    # cancels in the vote fractions.
-    weights = jnp.exp((top_sims - top_sims[:, :1]) / temperature)
+    # cancels in the vote fractions. (A max, not top_sims[:, :1]: slicing top_k's output makes XLA CPU replace
+    # the TopK call by a full sort of every row, ~30x slower.)
+    weights = jnp.exp((top_sims - jnp.max(top_sims, axis=1, keepdims=True)) / temperature)
     votes = jnp.sum(jax.nn.one_hot(train_labels[top_idx], num_classes) * weights[..., None], axis=1)
     votes = votes / jnp.sum(votes, axis=-1, keepdims=True)
     return votes, jax.lax.top_k(votes, num_predictions)[1]  # Equal votes: the lower class first.
