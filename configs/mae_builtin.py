@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 200
     c.checkpoint_every = 200
     c.num_visualize = 8
+    c.probe.enabled = True  # linear probe + k-NN: trained encoder vs the same encoder at initialisation
+    c.probe.train_examples = 10000
     if args.get("runlocal"):
         c.model.variant = args.get("variant", "mu/4")
         c.model.depth = -1
@@ -47,4 +49,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_examples = 500
         c.checkpoint_every = 20
         c.log_every = 5
+        c.probe.train_examples = 500
+        c.probe.eval_examples = 500
     return c

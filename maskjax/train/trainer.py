@@ -392,11 +392,12 @@ class Trainer:
 
         cfg, data = self.config.probe, self.config.data
         replicated = sharding_lib.replicated(self.mesh)
-        feature_fn = jax.jit(self.task.features)
+        feature_fn = self.task.features
 
         def batches(source, limit):
             return pipeline.eval_batches(source, global_batch_size=self.config.eval_batch_size,
-                                         image_size=data.image_size, num_examples=limit if limit > 0 else None,
+                                         image_size=data.image_size,
+                                         num_examples=min(limit, len(source)) if limit > 0 else None,
                                          num_threads=data.num_threads, prefetch=data.prefetch)
 
         def scores(model_params):
@@ -406,7 +407,7 @@ class Trainer:
             num_classes = self.config.model.num_classes
             linear = probe_lib.linear_probe(*train, *test, num_classes=num_classes, seed=self.config.seed)
             knn = probe_lib.knn_classifier(*train, *test, k=min(cfg.knn_k, len(train[1])), num_classes=num_classes)
-            return {"linear_accuracy": float(linear["test_accuracy"]), "knn_accuracy": float(knn["top1"])}
+            return {"linear_accuracy": float(linear["test_accuracy"]), "knn_accuracy": float(knn["top1_accuracy"])}
 
         out = scores(params)
         if cfg.random_init:

@@ -107,6 +107,10 @@ def test_short_mae_run_lowers_the_loss_and_draws_reconstructions(tmp_path):
     records = [r for r in map(__import__("json").loads, open(result.paths["metrics"])) if "train/loss" in r]
     assert records[-1]["train/loss"] < records[0]["train/loss"]
     assert {"loss", "psnr"} <= set(result.eval_metrics)
+    probes = {"probe/linear_accuracy", "probe/knn_accuracy", "probe/random_init_linear_accuracy",
+              "probe/random_init_knn_accuracy"}
+    assert probes <= set(result.eval_metrics)
+    assert all(0.0 <= result.eval_metrics[k] <= 1.0 for k in probes)
     images = list((tmp_path / "images").iterdir())
     assert len(images) == 1 and images[0].suffix == ".png"
 
