@@ -88,6 +88,31 @@ def test_extract_features_drops_eval_loader_padding():
     np.testing.assert_array_equal(labels, [e["label"] for e in source])
 
 
+def test_extract_features_of_a_vit_then_probes():
+    """The intended use: pre-logits of a (tiny, random) maskjax ViT over a padded EvalLoader."""
+    from maskjax.models.vit import ViT
+
+    rng = np.random.default_rng(2)
+    source = [{"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": np.int32(i % 3)}
+              for i in range(19)]
+    model = ViT(num_classes=None, patch_size=4, width=16, depth=1, mlp_dim=32, num_heads=2)
+    # Random parameters of the right structure without compiling `init` (slow for a ViT on a busy CPU).
+    shapes = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 8, 8, 3)), train=False), jax.random.key(0))
+    leaves, treedef = jax.tree.flatten(shapes)
+    variables = jax.tree.unflatten(treedef, [jnp.asarray(rng.normal(size=l.shape) * 0.3, l.dtype) for l in leaves])
+    feature_fn = lambda v, images: model.apply(v, images, train=False)[1]["pre_logits"]
+    features, labels = P.extract_features(feature_fn, variables, EvalLoader(source, global_batch_size=8,
+                                                                            image_size=8))
+    images = np.stack([e["image"] for e in source]).astype(np.float32) / 127.5 - 1.0
+    direct = jax.jit(feature_fn)(variables, jnp.asarray(images))  # One unpadded batch of all 19.
+    np.testing.assert_allclose(features, direct, atol=1e-5)
+    knn = P.knn_classifier(features, labels, features, labels, k=1, num_classes=3)
+    assert knn["top1_accuracy"] == 1.0  # Every example is its own nearest neighbour (random features distinct).
+    probe = P.linear_probe(features, labels, features, labels, num_classes=3, learning_rates=(0.1,),
+                           weight_decays=(0.0,))
+    assert probe["train_accuracy"] == probe["test_accuracy"]
+
+
 @pytest.mark.parametrize("as_dict", [False, True])
 def test_extract_features_whole_arrays(as_dict):
     rng = np.random.default_rng(1)
