@@ -238,16 +238,26 @@ class ViT(nn.Module):
         logits = self.head_dense(pre_logits) if self.num_classes else pre_logits
         return logits.astype(jnp.float32), pre_logits
 
-    def __call__(self, images: jax.Array, *, train: bool = False, mask: Any = None) -> tuple[jax.Array, dict]:
+    def __call__(self, images: jax.Array, *, train: bool = False, mask: Any = None,
+                 ids_keep: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
         """images [B, H, W, C] -> (logits, aux).
 
         aux: 'stem' [B, n, width] patch tokens with posemb; 'block_{i}' [B, T, width]; 'encoded' [B, T, width]
         after the final norm; 'pre_logits' [B, width] (pool 'none': [B, T, width]); 'num_prefix_tokens' (int).
         T = num_prefix_tokens + n. `mask`: optional attention mask for every block (see `encode`), combined with
-        the `token_mask` spec.
+        the `token_mask` spec. `ids_keep` int [B, n_keep]: run on these patches only (MaskSub's masked branch,
+        MAE-style visible-only encoding); then n = n_keep and aux['stem'] holds the kept patches.
         """
         stem = self.embed_patches(images)
-        block_mask = self.block_masks(self.patch_grid(images.shape[1:3]), mask)
+        if ids_keep is not None:
+            if self.token_mask.kind != "none":
+                raise ValueError(f"ViT: ids_keep cannot be combined with token_mask kind={self.token_mask.kind!r} "
+                                 "(the grid mask needs every patch)")
+            chex.assert_rank(ids_keep, 2)
+            stem = jnp.take_along_axis(stem, ids_keep[..., None].astype(jnp.int32), axis=1)
+            block_mask = mask
+        else:
+            block_mask = self.block_masks(self.patch_grid(images.shape[1:3]), mask)
         encoded, aux = self.encode(self.add_prefix_tokens(stem), train=train, mask=block_mask)
         logits, pre_logits = self.head(encoded)
         aux.update(stem=stem, encoded=encoded, pre_logits=pre_logits, num_prefix_tokens=self.num_prefix_tokens)

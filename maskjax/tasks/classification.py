@@ -8,11 +8,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from maskjax import masking as masking_lib
 from maskjax.evaluate.metrics import correct_topk, softmax_cross_entropy
 from maskjax.models.vit import ViT, decode_variant
 from maskjax.tasks.common import attention_from_config, logit_metrics
 
 Batch = Mapping[str, jax.Array]
+PURPOSE_MASKSUB = 0x6D73  # folded into the step key for MaskSub's masks and the sub-branch's dropout
 
 
 def vit_from_config(model_config: ml_collections.ConfigDict) -> ViT:
@@ -62,7 +64,25 @@ class ClassificationTask:
         (logits, _), state = outputs if record else (outputs, {})
         losses = softmax_cross_entropy(logits, batch["label"], self.config.loss.label_smoothing)
         accuracy = correct_topk(logits, batch["label"])
-        return jnp.mean(losses), {"accuracy": jnp.mean(accuracy), **logit_metrics(state)}
+        metrics = {"accuracy": jnp.mean(accuracy), **logit_metrics(state)}
+        loss = jnp.mean(losses)
+        if self.config.loss.masksub_ratio > 0 and train:
+            sub_loss = self._masksub_loss(params, batch["image"], logits, rng)
+            metrics["masksub_loss"] = sub_loss
+            loss = loss + self.config.loss.masksub_weight * sub_loss
+        return loss, metrics
+
+    def _masksub_loss(self, params: Any, images: jax.Array, main_logits: jax.Array, rng: jax.Array) -> jax.Array:
+        """MaskSub (Heo et al. 2023): the same ViT on a random `masksub_ratio` of its patches removed, trained to
+        match the main branch's (stop-gradient) predictions: mean KL(softmax(main) || softmax(sub))."""
+        mask_key, dropout_rng, drop_path_rng = jax.random.split(jax.random.fold_in(rng, PURPOSE_MASKSUB), 3)
+        grid = self.model.patch_grid(images.shape[1:3])
+        kept = masking_lib.random_masking(mask_key, images.shape[0], grid, self.config.loss.masksub_ratio).ids_keep
+        sub_logits, _ = self.model.apply({"params": params}, images, train=True, ids_keep=kept,
+                                         rngs={"dropout": dropout_rng, "drop_path": drop_path_rng})
+        teacher = jax.nn.softmax(jax.lax.stop_gradient(main_logits), axis=-1)
+        log_teacher = jnp.log(jnp.maximum(teacher, 1e-12))
+        return jnp.mean(jnp.sum(teacher * (log_teacher - jax.nn.log_softmax(sub_logits, axis=-1)), axis=-1))
 
     def eval_sums(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
         """Sums over the valid examples of a (padded) batch; `summarize` turns them into metrics."""

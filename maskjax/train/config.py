@@ -92,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.label_smoothing = 0.0  # Label smoothing of the softmax cross-entropy.
+    c.loss.masksub_ratio = 0.0  # MaskSub: fraction of patches dropped in a self-distilled sub-branch (0 = off).
+    c.loss.masksub_weight = 1.0  # MaskSub: weight of the sub-branch's KL loss.
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # 'adamw', 'adam', 'sgd' or 'lamb'.
@@ -259,6 +261,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         except ValueError as err:
             _fail("mim.masking_options", m.masking_options.to_dict(), f"strategy {m.masking!r} on a {grid} grid: {err}")
 
+    if not 0.0 <= config.loss.masksub_ratio < 1.0:
+        _fail("loss.masksub_ratio", config.loss.masksub_ratio, "must be in [0, 1) (0 = off)")
+    if config.loss.masksub_ratio > 0 and config.model.attention.mask != "none":
+        _fail("loss.masksub_ratio", config.loss.masksub_ratio, "cannot be combined with a token mask "
+              f"(model.attention.mask={config.model.attention.mask!r}): the sub-branch drops patches")
     if config.probe.enabled:
         if config.probe.train_examples == 0 or config.probe.train_examples < -1:
             _fail("probe.train_examples", config.probe.train_examples, "must be a positive count or -1 (all)")

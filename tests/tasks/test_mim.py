@@ -81,6 +81,8 @@ def test_reconstruction_keeps_visible_patches_and_psnr_matches_numpy():
     (dict(mim__mode="beit"), "mim.mode='beit'"),
     (dict(mim__target="hog_features"), "mim.target='hog_features'"),
     (dict(mim__decoder_width=30, mim__decoder_heads=4), "mim.decoder_width=30"),
+    (dict(loss__masksub_ratio=1.0), "loss.masksub_ratio=1.0"),
+    (dict(loss__masksub_ratio=0.5, model__attention__mask="window_2d"), "loss.masksub_ratio=0.5: cannot be combined"),
 ])
 def test_bad_mim_config_is_named(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -129,3 +131,32 @@ def test_hog_target_trains_a_model_with_matching_output():
     mask = np.asarray(result.mask)
     np.testing.assert_allclose(float(loss), ((pred - target) ** 2).mean(-1)[mask].mean(), rtol=1e-5)
     assert set(task.summarize(task.eval_sums(params, b))) == {"loss"}
+
+
+def test_masksub_adds_the_kl_of_a_masked_branch_to_the_main_prediction():
+    from configs import vit_builtin
+    from maskjax.tasks.classification import PURPOSE_MASKSUB, ClassificationTask
+    c = vit_builtin.get_config("runlocal")
+    c.model.drop_path_rate = 0.0
+    plain = ClassificationTask(c.copy_and_resolve_references())
+    c.loss.masksub_ratio = 0.5
+    task = ClassificationTask(c)
+    b = {"image": batch()["image"], "label": jnp.array([0, 1, 2, 3])}
+    params = nn.meta.unbox(task.init(jax.random.key(0), b))["params"]
+    params["head"]["kernel"] = jax.random.normal(jax.random.key(1), params["head"]["kernel"].shape)  # non-zero head
+    rng = jax.random.key(4)
+    loss, metrics = task.loss(params, b, rng, train=True)
+    base, _ = plain.loss(params, b, rng, train=True)
+    # independent recomputation: main logits, the sub-branch on the kept half, KL in numpy
+    main = np.asarray(task.model.apply({"params": params}, b["image"])[0], np.float64)
+    kept = masking.random_masking(jax.random.split(jax.random.fold_in(rng, PURPOSE_MASKSUB), 3)[0], 4, (8, 8),
+                                  0.5).ids_keep
+    assert kept.shape == (4, 32)
+    sub = np.asarray(task.model.apply({"params": params}, b["image"], ids_keep=kept)[0], np.float64)
+    p = np.exp(main - main.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+    log_q = sub - sub.max(1, keepdims=True); log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
+    kl = np.mean(np.sum(p * (np.log(p) - log_q), axis=1))
+    assert kl > 1e-4
+    np.testing.assert_allclose(float(metrics["masksub_loss"]), kl, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), float(base) + kl, rtol=1e-5)
+    assert "masksub_loss" not in task.loss(params, b, rng, train=False)[1]  # evaluation: main branch only
