@@ -52,6 +52,8 @@ def masking_from_config(mim_config: ml_collections.ConfigDict):
 class MIMTask:
     """Reconstruct masked patches: loss = mean over masked patches of the per-patch MSE to the target."""
 
+    gallery_name = "reconstructions"  # images/reconstructions_step<N>.png: original | masked | reconstruction
+
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         self.model = mae_from_config(config)

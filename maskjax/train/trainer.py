@@ -431,7 +431,7 @@ class Trainer:
         images, labels = batch["image"][batch["valid"]], batch["label"][batch["valid"]]
         predictions = np.asarray(jax.jit(self.task.predict)(params, images))
         gallery = self.task.visualize(images, labels, predictions, getattr(self.eval_source, "class_names", None))
-        writer.write_image(step, "predictions", gallery)
+        writer.write_image(step, getattr(self.task, "gallery_name", "predictions"), gallery)
 
 
 def summary_lines(result: RunResult) -> list[str]:

@@ -114,7 +114,7 @@ def test_short_mae_run_lowers_the_loss_and_draws_reconstructions(tmp_path):
     assert probes <= set(result.eval_metrics)
     assert all(0.0 <= result.eval_metrics[k] <= 1.0 for k in probes)
     images = list((tmp_path / "images").iterdir())
-    assert len(images) == 1 and images[0].suffix == ".png"
+    assert [p.name for p in images] == ["reconstructions_step000030.png"]
 
 
 def test_hog_target_trains_a_model_with_matching_output():
