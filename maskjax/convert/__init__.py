@@ -1,0 +1,11 @@
+"""Checkpoint interop: timm ViT and Hugging Face ViTMAE (PyTorch / safetensors) <-> maskjax parameters.
+
+    from maskjax.convert import timm_to_maskjax, maskjax_to_timm, hf_mae_to_maskjax, maskjax_to_hf_mae
+
+Inputs are state dicts (dicts of torch tensors or numpy arrays) or checkpoint paths (.safetensors, .pth); the
+converters need numpy and, for torch tensors / .pth files / 'pt' outputs, torch. Every converter checks keys and
+shapes before converting and raises ValueError naming the key and both shapes.
+"""
+
+from maskjax.convert.common import load_state_dict, save_state_dict
+from maskjax.convert.timm_vit import maskjax_to_timm, timm_to_maskjax
