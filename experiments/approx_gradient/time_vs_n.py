@@ -82,10 +82,17 @@ def main():
     parser.add_argument("--out", default=os.path.join(common.RESULTS, "time_vs_n"))
     parser.add_argument("--render", metavar="JSON", help="only re-render the report and plot from a results JSON "
                         "written by an earlier run (no timing)")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's Notes section "
+                        "(kept in the JSON; with --render, added to the saved notes)")
     args = parser.parse_args()
     if args.render:
         with open(args.render) as f:
             saved = json.load(f)
+        args.note = saved.get("notes", []) + args.note
+        if args.render == args.out + ".json":
+            saved["notes"] = args.note
+            with open(args.render, "w") as f:
+                json.dump(saved, f, indent=1)
         args.configs = saved.get("configs") or list(dict.fromkeys(f"{r['d']}:{r['g']}" for r in saved["rows"]))
         args.methods = [m for m in METHODS if any(r["method"] == m for r in saved["rows"])]
         summary = summarize(saved["rows"], args.configs)
@@ -144,7 +151,7 @@ def main():
     summary = summarize(rows, args.configs)
     with open(args.out + ".json", "w") as f:
         json.dump(dict(command=command, machine=machine, configs=args.configs, rows=rows, summary=summary,
-                       skipped=skipped), f, indent=1)
+                       skipped=skipped, notes=args.note), f, indent=1)
     write_report(args, command, machine, rows, summary, skipped)
     plot(args, rows, summary)
 
@@ -208,6 +215,8 @@ def write_report(args, command, machine, rows, summary, skipped):
             grid.append([m] + [f"{t[n] * 1e3:.1f}" if n in t else "—" for n in ns])
         sections.append(f"## d = {d}, g = {g} ({common.rank_note(d, g)}): milliseconds per forward+backward\n\n"
                         + common.md_table(["method"] + [str(n) for n in ns], grid))
+    if args.note:
+        sections.append("## Notes\n\n" + "\n".join(f"- {line}" for line in args.note))
     sections.append("## Skipped\n\n" + ("\n".join(f"- {s}" for s in skipped) if skipped else "none"))
     common.write_md(args.out + ".md", "Approximate-gradient attention: time vs n", command, sections)
 
