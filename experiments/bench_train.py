@@ -245,21 +245,10 @@ def torch_worker(settings: dict, batch_size: int) -> tuple[Callable[[], float], 
 
 
 def register_missing_torchvision_ops(torch) -> None:
-    """Defines `torchvision::nms`/`qnms` when torchvision's compiled ops did not load.
-
-    PyPI's torchvision wheel is built against the CUDA torch; with the CPU torch wheel its `_C` extension fails to
-    load, and `import torchvision` (which timm imports) then dies registering fake kernels for ops that do not
-    exist. Declaring the op schemas lets the pure-Python parts import; nothing here calls them.
-    """
-    try:
-        torch.ops.torchvision.nms  # noqa: B018  (exists when torchvision's _C is loaded)
-        return
-    except (AttributeError, RuntimeError):
-        pass
-    library = torch.library.Library("torchvision", "DEF")
-    library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    library.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-    register_missing_torchvision_ops.library = library  # Keep the registration alive.
+    """Declares `torchvision::nms`/`qnms` when torchvision's compiled ops did not load (CPU torch + PyPI's CUDA-built
+    torchvision), so timm imports; see maskjax/convert/_torch_compat.py."""
+    from maskjax.convert._torch_compat import register_missing_torchvision_ops as register
+    register(torch)
 
 
 def synthetic_batch(batch_size: int):
