@@ -11,3 +11,6 @@ from maskjax.convert.common import load_state_dict, save_state_dict
 from maskjax.convert.timm_vit import maskjax_to_timm, timm_to_maskjax
 from maskjax.convert.hf_vit_mae import (hf_mae_patch_targets, hf_mae_to_maskjax, hf_num_masked,
                                         maskjax_to_hf_mae)
+
+__all__ = ["hf_mae_patch_targets", "hf_mae_to_maskjax", "hf_num_masked", "load_state_dict", "maskjax_to_hf_mae",
+           "maskjax_to_timm", "save_state_dict", "timm_to_maskjax"]

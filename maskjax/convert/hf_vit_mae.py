@@ -24,14 +24,14 @@ LayerNorm eps comes from `config.layer_norm_eps` (HF default 1e-12); GELU must b
 """
 
 import re
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 import jax.numpy as jnp
 import numpy as np
 
 from maskjax.convert.common import (StateDict, block_from_maskjax, block_param_shapes, block_to_maskjax,
                                     check_params, check_state_dict, conv_to_flax, conv_to_torch, flatten_params,
-                                    linear_to_dense, load_state_dict, param_shape, to_format, unwrap_params)
+                                    linear_to_dense, load_state_dict, to_format, unwrap_params)
 from maskjax.models.layers import pair, posemb_sincos_2d
 from maskjax.models.mae import patchify
 from maskjax.models.vit import ViT

@@ -122,10 +122,10 @@ def timm_to_maskjax(state_dict: Union[str, Mapping[str, Any]], *, num_heads: int
     pos_tokens = int(require_key(state, "pos_embed", _WHAT, ndim=3).shape[1])
     grid = None
     if image_size is not None:
-        (h, w), (ph_, pw_) = pair(image_size, "image_size"), (ph, pw)
-        if h % ph_ or w % pw_:
+        h, w = pair(image_size, "image_size")
+        if h % ph or w % pw:
             raise ValueError(f"{_WHAT}: image_size={(h, w)} is not divisible by the patch size {(ph, pw)}")
-        grid = (h // ph_, w // pw_)
+        grid = (h // ph, w // pw)
     grid, no_embed_class = _infer_grid_and_embed_class(pos_tokens, num_prefix, no_embed_class, grid)
     if global_pool == "token" and not class_token:
         raise ValueError(f"{_WHAT}: global_pool='token' needs a 'cls_token' key (the model has no class token)")
@@ -233,8 +233,7 @@ def maskjax_to_timm(params: Mapping[str, Any], *, no_embed_class: bool = False, 
     num_classes = param_shape(flat, "head/kernel", what, 2)[1] if "head" in tree else 0
     if "posemb" in tree:
         patch_pos = flat["posemb/embedding"]
-        tokens = patch_pos.shape[1] if patch_pos.ndim == 3 else -1
-        grid = (tokens, 1)  # Only the token count matters for the shape check below.
+        posemb_tokens = param_shape(flat, "posemb/embedding", what, 3)[1]
     else:
         if image_size is None:
             raise ValueError(f"{what}: params have no 'posemb' (posemb='sincos2d'); pass image_size=(H, W) to write "
@@ -242,12 +241,11 @@ def maskjax_to_timm(params: Mapping[str, Any], *, no_embed_class: bool = False, 
         h, w = pair(image_size, "image_size")
         if h % ph or w % pw:
             raise ValueError(f"{what}: image_size={(h, w)} is not divisible by the patch size {(ph, pw)}")
-        grid = (h // ph, w // pw)
-        patch_pos = np.asarray(posemb_sincos_2d(grid[0], grid[1], width))
+        patch_pos = np.asarray(posemb_sincos_2d(h // ph, w // pw, width))
     expected = {"embedding/conv/kernel": (ph, pw, channels, width), "embedding/conv/bias": (width,),
                 "encoder/encoder_norm/scale": (width,), "encoder/encoder_norm/bias": (width,)}
     if "posemb" in tree:
-        expected["posemb/embedding"] = (1, grid[0], width)
+        expected["posemb/embedding"] = (1, posemb_tokens, width)
     if class_token:
         expected["cls"] = (1, 1, width)
     if num_registers:

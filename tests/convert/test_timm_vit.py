@@ -161,7 +161,8 @@ def test_bad_params_name_the_key(torch, timm):
     with pytest.raises(ValueError, match=r"encoder/block_1/mlp/fc1/bias: got shape \(65,\), expected \(64,\)"):
         maskjax_to_timm(broken)
     del broken["encoder"]["block_0"]["norm2"]
-    with pytest.raises(ValueError, match=r"missing keys \['encoder/block_0/norm2/scale', 'encoder/block_0/norm2/bias'\]"):
+    with pytest.raises(ValueError,
+                       match=r"missing keys \['encoder/block_0/norm2/scale', 'encoder/block_0/norm2/bias'\]"):
         maskjax_to_timm(broken)
     with pytest.raises(ValueError, match="qkv_bias=False"):
         maskjax_to_timm(params, qkv_bias=False)
