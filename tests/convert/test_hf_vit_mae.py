@@ -194,3 +194,17 @@ def test_bad_inputs_name_the_key(torch, transformers):
     params["decoder_embed"]["kernel"] = np.zeros((32, 33), np.float32)
     with pytest.raises(ValueError, match=r"decoder_embed/kernel: got shape \(32, 33\), expected \(32, 32\)"):
         maskjax_to_hf_mae(params, config)
+
+
+def test_converted_encoder_is_a_vit(torch, transformers):
+    """params['encoder'] in model_kwargs['encoder'] (a plain ViT, for probing / fine-tuning) encodes every patch as
+    HF's encoder does with mask_ratio=0 and increasing noise (which keeps the patch order)."""
+    config = hf_config(transformers, mask_ratio=0.0)
+    model = make_hf(torch, transformers, config)
+    params, model_kwargs = hf_mae_to_maskjax(model.state_dict(), config)
+    images, _ = inputs()
+    noise = np.broadcast_to(np.arange(NUM_PATCHES, dtype=np.float32), (2, NUM_PATCHES)).copy()
+    _, latent = hf_forward(torch, model, images, noise)
+    _, aux = jax.jit(model_kwargs["encoder"].apply)({"params": params["encoder"]}, images)
+    assert aux["encoded"].shape == latent.shape == (2, NUM_PATCHES + 1, 32)
+    np.testing.assert_allclose(np.asarray(aux["encoded"]), latent, rtol=0, atol=ATOL)

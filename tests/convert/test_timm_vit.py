@@ -168,3 +168,12 @@ def test_bad_params_name_the_key(torch, timm):
         maskjax_to_timm(params, qkv_bias=False)
     with pytest.raises(ValueError, match="tensors='jax'"):
         maskjax_to_timm(params, tensors="jax")
+
+
+def test_bfloat16_state_dict(torch, timm):
+    """bfloat16 tensors are read as float32 with the same values."""
+    model = make_timm(timm, torch, {}, (32, 32)).to(torch.bfloat16)
+    params, _ = timm_to_maskjax(model.state_dict(), num_heads=2)
+    kernel = model.state_dict()["blocks.0.mlp.fc1.weight"].float().numpy().T
+    assert params["encoder"]["block_0"]["mlp"]["fc1"]["kernel"].dtype == np.float32
+    np.testing.assert_array_equal(params["encoder"]["block_0"]["mlp"]["fc1"]["kernel"], kernel)
