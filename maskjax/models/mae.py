@@ -47,12 +47,12 @@ def unpatchify(patches: jax.Array, patch_size: Any, grid_hw: Sequence[int], chan
 
 
 def normalize_patches(patches: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """MAE's norm-pix target: each patch minus its mean over pixels, divided by sqrt(var + eps).
+    """MAE's norm-pix target: each patch minus its mean over pixels, divided by sqrt(unbiased var + eps).
 
     patches [B, N, D] -> (normalised [B, N, D], mean [B, N, 1], std [B, N, 1]) (float32)."""
     patches = patches.astype(jnp.float32)
     mean = jnp.mean(patches, axis=-1, keepdims=True)
-    var = jnp.var(patches, axis=-1, keepdims=True)
+    var = jnp.var(patches, axis=-1, keepdims=True, ddof=1)  # unbiased, as torch .var() in MAE and HF
     std = jnp.sqrt(var + eps)
     return (patches - mean) / std, mean, std
 

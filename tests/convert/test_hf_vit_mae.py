@@ -95,8 +95,6 @@ def test_hf_mae_outputs_and_loss_match(torch, transformers, case):
                                    float(out.loss), rtol=0, atol=ATOL)
 
 
-@pytest.mark.xfail(strict=True, reason="maskjax.models.mae.normalize_patches divides by the biased (ddof=0) patch "
-                   "variance; MAE and HF use torch's unbiased .var() (ddof=1). Remove this mark when mae.py follows.")
 def test_maskjax_norm_pix_target_is_hf_target():
     images, _ = inputs()
     np.testing.assert_allclose(np.asarray(patch_targets(images, PATCH, "norm_pixels")),

@@ -50,7 +50,7 @@ def test_norm_pix_target_and_masked_mse_match_numpy():
     x = images()
     target = np.asarray(patch_targets(jnp.asarray(x), 4, "norm_pixels"))
     p = np.asarray(patchify(jnp.asarray(x), 4), np.float64)
-    want = (p - p.mean(-1, keepdims=True)) / np.sqrt(p.var(-1, keepdims=True) + 1e-6)
+    want = (p - p.mean(-1, keepdims=True)) / np.sqrt(p.var(-1, keepdims=True, ddof=1) + 1e-6)
     np.testing.assert_allclose(target, want, rtol=1e-5, atol=1e-5)
     pred = np.random.default_rng(1).normal(size=target.shape).astype(np.float32)
     mask = np.random.default_rng(2).random(target.shape[:2]) < 0.6

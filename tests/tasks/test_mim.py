@@ -52,7 +52,7 @@ def test_loss_is_the_masked_patch_mse_of_the_prediction(target):
     pred = np.asarray(task.model.apply({"params": params}, b["image"], result)[0], np.float64)
     patches = np.asarray(patchify(b["image"], 4), np.float64)
     if target == "norm_pixels":
-        patches = (patches - patches.mean(-1, keepdims=True)) / np.sqrt(patches.var(-1, keepdims=True) + 1e-6)
+        patches = (patches - patches.mean(-1, keepdims=True)) / np.sqrt(patches.var(-1, keepdims=True, ddof=1) + 1e-6)
     mask = np.asarray(result.mask)
     want = ((pred - patches) ** 2).mean(-1)[mask].mean()
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
