@@ -13,14 +13,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+import sweep  # noqa: E402
+
 RESULTS = os.path.join(HERE, "results")
 
 DATASETS = {"builtin_shapes": "configs/vit_builtin.py", "fashion_mnist": "configs/vit_fashion_mnist.py"}
@@ -44,27 +44,13 @@ def slug(name: str) -> str:
     return name.replace(" ", "_").replace("(", "").replace(")", "")
 
 
-def run_args(dataset: str, name: str, steps: int, workdir: str) -> list:
+def run_overrides(name: str, steps: int) -> dict:
     settings = dict(RUNS[name])
     seed = settings.pop("seed", 0)
     overrides = dict(MODEL, **{f"model.attention.{k}": v for k, v in settings.items()})
-    overrides.update({"seed": seed, "total_steps": steps, "eval_every": 0, "batch_size": 64,
-                      "checkpoint_every": steps, "progress_bar": False, "log_every": 10,
+    overrides.update({"seed": seed, "eval_every": 0, "batch_size": 64, "checkpoint_every": steps, "log_every": 10,
                       "optimizer.warmup_steps": max(steps // 20, 1), "num_visualize": 0})
-    args = [sys.executable, "-m", "maskjax.main", f"--config={DATASETS[dataset]}", f"--workdir={workdir}"]
-    return args + [f"--config.{k}={v}" for k, v in overrides.items()]
-
-
-def read_metrics(workdir: str) -> list:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def finished(records: list, steps: int) -> bool:
-    return any(r.get("step") == steps and "eval/accuracy" in r for r in records)
+    return overrides
 
 
 def summarize(records: list, steps: int, seconds: float) -> dict:
@@ -145,7 +131,7 @@ def main(argv=None):
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--workdir-root", default=os.path.join(REPO, "workdirs", "approx_train"))
+    p.add_argument("--workdir-root", default=os.path.join(sweep.REPO, "workdirs", "approx_train"))
     args = p.parse_args(argv)
     command = "python experiments/approx_gradient/train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {}
@@ -153,15 +139,8 @@ def main(argv=None):
         results[dataset] = {}
         for name in args.runs:
             workdir = os.path.join(args.workdir_root, f"{dataset}_{args.steps}", slug(name))
-            timing = os.path.join(workdir, "wall_seconds.txt")
-            if not finished(read_metrics(workdir), args.steps):
-                start = time.time()
-                subprocess.run(run_args(dataset, name, args.steps, workdir), cwd=REPO, check=True)
-                with open(timing, "w") as f:
-                    f.write(f"{time.time() - start:.1f}\n")
-            with open(timing) as f:
-                seconds = float(f.read())
-            results[dataset][name] = summarize(read_metrics(workdir), args.steps, seconds)
+            records, seconds = sweep.run(DATASETS[dataset], workdir, run_overrides(name, args.steps), args.steps)
+            results[dataset][name] = summarize(records, args.steps, seconds)
             print(dataset, name, {k: v for k, v in results[dataset][name].items() if "curve" not in k}, flush=True)
             write(results, command.strip(), args.steps)
 
