@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 WORKDIR ?= workdirs/mae_builtin
 CONFIG ?= configs/mae_builtin.py
 
@@ -14,20 +15,27 @@ CONFIG ?= configs/mae_builtin.py
 # dependencies are in the "test" extra); PyPI's torchvision is built against CUDA torch, so its compiled ops do
 # not load and maskjax/convert/_torch_compat.py declares the op schema its import needs. On machines without
 # the local CPU wheel: make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
-$(STAMP): setup.py
+$(TEST_STAMP): setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_PIP_ARGS) "torch==2.13.0"
 	$(VENV)/bin/python -m pip install --quiet --no-deps "torchvision==0.28.0" "timm==1.0.29"
 	$(VENV)/bin/python -m pip install --quiet -e ".[test,notebooks]"
+	touch $(STAMP) $(TEST_STAMP)
+
+# The main job needs no PyTorch: maskjax alone.
+$(STAMP): setup.py
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/python -m maskjax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(VENV)/bin/python -m pytest -n 2 --durations=15 tests
 
 clean:
