@@ -179,15 +179,16 @@ def test_rank():
     assert approx_rank(16, 2) == math.comb(18, 2) and approx_rank(16, 2, "paper") == math.comb(18, 2) * 17
 
 
-def test_sharded_inputs_keep_their_sharding_without_collectives():
+@pytest.mark.parametrize("kw", [dict(approx_mode="paper", causal=True, block_size=8),
+                                dict(approx_mode="lowrank", block_size=8)], ids=["paper_causal", "lowrank_streamed"])
+def test_sharded_inputs_keep_their_sharding_without_collectives(kw):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake CPU) devices, see tests/conftest.py")
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     spec = NamedSharding(mesh, PartitionSpec("data", None, "model", None))  # batch over data, heads over model
     q, k, v, d_out = sphere_inputs(jax.random.key(11), 4, 32, 8, 4, 1.0)
-    fn = jax.jit(lambda a, b, c, g: jax.vjp(lambda x, y, z: approx_attention(
-        x, y, z, approx_mode="paper", causal=True, block_size=8), a, b, c)[1](g))
+    fn = jax.jit(lambda a, b, c, g: jax.vjp(lambda x, y, z: approx_attention(x, y, z, **kw), a, b, c)[1](g))
     want = fn(q, k, v, d_out)
     sharded = [jax.device_put(x, spec) for x in (q, k, v, d_out)]
     got = fn(*sharded)
