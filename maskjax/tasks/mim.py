@@ -135,10 +135,13 @@ class MIMTask:
         return {name: float(value) / count for name, value in sums.items() if name != "count"}
 
     def features(self, params: Any, images: jax.Array) -> jax.Array:
-        """Frozen features for probes: the encoder on every patch (no masking), mean of its patch tokens after
-        the final norm -> [B, width] float32."""
+        """Frozen features for probes: the encoder on every patch (no masking), after its final norm: the cls
+        token (`probe.features='cls'`, MAE's linear-probing protocol) or the mean of the patch tokens ('gap').
+        -> [B, width] float32."""
         encoder = self.model.encoder
         _, aux = encoder.apply({"params": params["encoder"]}, images, train=False)
+        if self.config.probe.features == "cls":
+            return aux["encoded"][:, 0].astype(jnp.float32)
         return jnp.mean(aux["encoded"][:, encoder.num_prefix_tokens:].astype(jnp.float32), axis=1)
 
     def predict(self, params: Any, images: jax.Array) -> jax.Array:

@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.probe.eval_examples = -1  # Eval-split examples they are scored on (-1 = all).
     c.probe.random_init = True  # Also probe the same model at its initialisation (this run's step 0).
     c.probe.knn_k = 20  # Neighbours of the k-NN classifier.
+    c.probe.features = "cls"  # MIM encoders: 'cls' token (MAE's protocol) or 'gap' (mean of patch tokens).
 
     c.loss = ml_collections.ConfigDict()
     c.loss.label_smoothing = 0.0  # Label smoothing of the softmax cross-entropy.
@@ -273,6 +274,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             _fail("probe.eval_examples", config.probe.eval_examples, "must be a positive count or -1 (all)")
         if config.probe.knn_k < 1:
             _fail("probe.knn_k", config.probe.knn_k, "must be >= 1")
+        if config.probe.features not in ("cls", "gap"):
+            _fail("probe.features", config.probe.features, "must be 'cls' or 'gap'")
+        if config.probe.features == "cls" and not config.model.class_token:
+            _fail("probe.features", config.probe.features, "needs model.class_token=True (or use 'gap')")
 
     opt = config.optimizer
     if opt.name not in ("adamw", "adam", "sgd", "lamb"):

@@ -59,6 +59,16 @@ def test_loss_is_the_masked_patch_mse_of_the_prediction(target):
     assert float(metrics["masked_fraction"]) == 0.75
 
 
+@pytest.mark.parametrize("kind", ["cls", "gap"])
+def test_probe_features_are_the_encoders_cls_token_or_patch_mean(kind):
+    task = MIMTask(tiny_config(probe__features=kind))
+    b = batch()
+    params = nn.meta.unbox(task.init(jax.random.key(0), b))["params"]
+    encoded = task.model.encoder.apply({"params": params["encoder"]}, b["image"])[1]["encoded"]
+    want = encoded[:, 0] if kind == "cls" else encoded[:, task.model.encoder.num_prefix_tokens:].mean(1)
+    np.testing.assert_allclose(task.features(params, b["image"]), want, rtol=1e-6)
+
+
 def test_reconstruction_keeps_visible_patches_and_psnr_matches_numpy():
     task = MIMTask(tiny_config())
     b = batch()
@@ -82,6 +92,8 @@ def test_reconstruction_keeps_visible_patches_and_psnr_matches_numpy():
     (dict(mim__target="hog_features"), "mim.target='hog_features'"),
     (dict(mim__decoder_width=30, mim__decoder_heads=4), "mim.decoder_width=30"),
     (dict(loss__masksub_ratio=1.0), "loss.masksub_ratio=1.0"),
+    (dict(probe__features="max"), "probe.features='max'"),
+    (dict(model__class_token=False, model__pool="gap"), "probe.features='cls': needs model.class_token=True"),
     (dict(loss__masksub_ratio=0.5, model__attention__mask="window_2d"), "loss.masksub_ratio=0.5: cannot be combined"),
 ])
 def test_bad_mim_config_is_named(overrides, message):
