@@ -1,4 +1,5 @@
-"""Supervised ViT on the built-in procedural shapes data set (the default main job).
+"""Supervised ViT on the built-in procedural shapes data set (the main job of the first release; now `make run`
+runs configs/mae_builtin.py).
 
 Command (about 3-4 minutes on 2 CPU cores):
   python -m maskjax.main --config=configs/vit_builtin.py --workdir=workdirs/vit_builtin

@@ -65,7 +65,7 @@ def main(argv=None):
                 workdir = os.path.join(args.workdir_root, f"{dataset}_{args.steps}", slug(run_name))
                 records, seconds = sweep.run(config, workdir, overrides, args.steps)
                 final = sweep.final(records, args.steps)
-                row = {k: final.get(f"eval/probe/{k}") for k in
+                row = {k: final.get(f"probe/{k}") for k in
                        ("linear_accuracy", "knn_accuracy", "random_init_linear_accuracy", "random_init_knn_accuracy")}
                 row.update(eval_loss=final.get("eval/loss"), eval_psnr=final.get("eval/psnr"),
                            eval_accuracy=final.get("eval/accuracy"), wall_seconds=seconds)
