@@ -41,7 +41,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
     p.add_argument("--datasets", nargs="+", default=list(MAE_CONFIGS), choices=list(MAE_CONFIGS))
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=2000)  # 600 MAE steps are too few to move the probes (README)
     p.add_argument("--workdir-root", default=os.path.join(sweep.REPO, "workdirs", "mim"))
     args = p.parse_args(argv)
     command = ("python experiments/mim/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
