@@ -183,8 +183,7 @@ def test_rank():
                                 dict(approx_mode="lowrank", block_size=8)], ids=["paper_causal", "lowrank_streamed"])
 def test_sharded_inputs_keep_their_sharding_without_collectives(kw):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 (fake CPU) devices, see tests/conftest.py")
+    assert len(jax.devices()) >= 8, "tests/conftest.py provides 8 fake CPU devices"
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     spec = NamedSharding(mesh, PartitionSpec("data", None, "model", None))  # batch over data, heads over model
     q, k, v, d_out = sphere_inputs(jax.random.key(11), 4, 32, 8, 4, 1.0)

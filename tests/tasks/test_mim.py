@@ -15,6 +15,7 @@ from maskjax.models.mae import patchify
 from maskjax.tasks.mim import MIMTask
 from maskjax.train import config as config_lib
 from maskjax.train.trainer import Trainer
+from tests.configs import override
 
 
 def tiny_config(**overrides):
@@ -24,13 +25,7 @@ def tiny_config(**overrides):
     c.eval_batch_size = 32
     c.num_visualize = 4
     c.data.num_threads = 0
-    for dotted, value in overrides.items():
-        target = c
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return override(c, **overrides)
 
 
 def batch(n=4, seed=0):

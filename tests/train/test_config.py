@@ -7,17 +7,12 @@ import ml_collections
 import pytest
 
 from maskjax.train import config as config_lib
+from tests.configs import override
 
 
 def _config(**overrides):
     c = config_lib.base_config()
-    for dotted, value in overrides.items():
-        target = c
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return override(c, **overrides)
 
 
 def test_base_config_is_valid_on_any_device_count():

@@ -11,18 +11,13 @@ import pytest
 from configs import mae_builtin, vit_builtin
 from maskjax.train import checkpoint as ckpt_lib
 from maskjax.train.trainer import Trainer
+from tests.configs import override
 
 
 def quiet(c, **overrides):
     c.progress_bar, c.eval_examples, c.eval_batch_size, c.num_visualize, c.data.num_threads = False, 64, 32, 0, 0
     c.probe.enabled = False
-    for dotted, value in overrides.items():
-        target = c
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return override(c, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 from configs import vit_builtin
 from maskjax.train import checkpoint as ckpt_lib
 from maskjax.train.trainer import NonFiniteLossError, Trainer
+from tests.configs import override
 
 
 def tiny_config(**overrides):
@@ -20,13 +21,7 @@ def tiny_config(**overrides):
     c.eval_batch_size = 40
     c.num_visualize = 4
     c.data.num_threads = 0
-    for dotted, value in overrides.items():
-        target = c
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return override(c, **overrides)
 
 
 def run_steps(trainer, num_steps):
