@@ -7,7 +7,9 @@ compare with supervised training, which masking strategy and which mask ratio wo
 Studies (each run: `python -m maskjax.main` with the MAE configs, then a linear probe and a k-NN on the frozen
 encoder, and the same probes on the encoder at its initialisation):
   baseline   MAE (random masking, ratio 0.75) vs supervised training of the same ViT (probed the same way)
-  strategy   random vs block (BEiT) vs grid (ConvMAE, 2x2 cells) vs noise (ColorMAE green) at ratio 0.75
+  strategy   random vs block (BEiT) vs attention-guided (AttMask-High, the encoder's own cls attention) vs
+             hard-patch mining (HPM, its loss predictor, hardest share 0 -> 0.5) at ratio 0.75
+  strategy_extra  grid (ConvMAE, 2x2 cells) and noise (ColorMAE green) masking at ratio 0.75
   ratio      random masking at 0.25, 0.5, 0.75, 0.9 (MAE reports ~0.75 as best on ImageNet: checked, not assumed)
 Runs are sequential and resumable (see experiments/sweep.py). Writes results/mim.{md,json}.
 """
@@ -17,6 +19,8 @@ import json
 import os
 import platform
 import sys
+
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -28,7 +32,9 @@ SUPERVISED_CONFIGS = {"builtin_shapes": "configs/vit_builtin.py", "fashion_mnist
 STUDIES = {
     "baseline": {"MAE random 0.75": {}, "supervised": None},
     "strategy": {"random": {"mim.masking": "random"}, "block": {"mim.masking": "block"},
-                 "grid 2x2": {"mim.masking": "grid"}, "noise (green)": {"mim.masking": "noise"}},
+                 "attention (AttMask-High)": {"mim.masking": "attention"},
+                 "hard patches (HPM)": {"mim.masking": "hard_patch"}},
+    "strategy_extra": {"grid 2x2": {"mim.masking": "grid"}, "noise (green)": {"mim.masking": "noise"}},
     "ratio": {f"ratio {r}": {"mim.mask_ratio": r} for r in (0.25, 0.5, 0.75, 0.9)},
 }
 
@@ -39,7 +45,7 @@ def slug(name: str) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
+    p.add_argument("--studies", nargs="+", default=["baseline", "strategy", "ratio"], choices=list(STUDIES))
     p.add_argument("--datasets", nargs="+", default=list(MAE_CONFIGS), choices=list(MAE_CONFIGS))
     p.add_argument("--steps", type=int, default=2000)  # 600 MAE steps are too few to move the probes (README)
     p.add_argument("--workdir-root", default=os.path.join(sweep.REPO, "workdirs", "mim"))
@@ -78,19 +84,40 @@ def _pct(x):
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
+def merged_with_saved(results: dict, steps: int) -> dict:
+    """`results` on top of the rows already in results/mim.json for the same step count (several invocations,
+    e.g. one per data set, build one table)."""
+    path = os.path.join(RESULTS, "mim.json")
+    saved = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous.get("meta", {}).get("steps") == steps:
+            saved = previous["results"]
+    for dataset, studies in results.items():
+        for study, rows in studies.items():
+            saved.setdefault(dataset, {}).setdefault(study, {}).update(rows)
+    return saved
+
+
 def write(results, command, steps):
     os.makedirs(RESULTS, exist_ok=True)
+    results = merged_with_saved(results, steps)
     meta = dict(command=command, steps=steps, machine=f"{platform.machine()}, {os.cpu_count()} cores",
                 load_avg_end=os.getloadavg())
     with open(os.path.join(RESULTS, "mim.json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
-    lines = ["# Masked image modeling on CPU: frozen-feature probes", "", f"Command: `{command}`", "",
+    lines = ["# Masked image modeling on CPU: frozen-feature probes", "",
+             "Command: `python experiments/mim/reproduce.py` (every study, both data sets; one data set or study "
+             f"at a time with --datasets / --studies; this file was last written by `{command}`).", "",
              f"{steps} steps per run (configs/mae_*.py, ViT-Ti/4 at depth 6, decoder 128 x 2; supervised: "
              f"configs/vit_*.py with the same encoder). Probes: linear (standardised features, weight decay chosen "
-             "on a held-out part of the train features) and weighted 20-NN, on the mean of the encoder's patch "
-             "tokens (MAE) or the cls pre-logits (supervised), 10000 train images, the whole eval split. 'at init' "
-             f"= the same encoder before training. Machine: {meta['machine']}, shared (load average at the end "
-             f"{meta['load_avg_end'][0]:.1f}).", ""]
+             "on a held-out part of the train features) and weighted 20-NN, on the encoder's cls token after its "
+             "final norm (MAE's linear-probing protocol; supervised: the cls pre-logits), 10000 train images, the "
+             "whole eval split. 'at init' = the same encoder before training. Eval loss and PSNR use random masks "
+             "of the run's ratio for the score-guided strategies. Wall-clock includes the probes; runs shared the "
+             f"machine ({meta['machine']}) with other work, so compare accuracies, not minutes.", "",
+             "![probes](mim.png)", ""]
     for dataset, studies in results.items():
         for study, rows in studies.items():
             lines += [f"## {dataset}: {study}", "", "| run | linear probe | k-NN | linear at init | k-NN at init | "
@@ -104,6 +131,46 @@ def write(results, command, steps):
             lines.append("")
     with open(os.path.join(RESULTS, "mim.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    plot(results, os.path.join(RESULTS, "mim.png"))
+
+
+def plot(results: dict, path: str) -> None:
+    """One row per data set: linear-probe accuracy by run for each study (the init probe as a grey tick)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    datasets = list(results)
+    studies = [s for s in STUDIES if any(s in results[d] for d in datasets)]
+    if not datasets or not studies:
+        return
+    fig, axes = plt.subplots(len(datasets), len(studies), figsize=(4.2 * len(studies), 3.2 * len(datasets)),
+                             squeeze=False)
+    for i, dataset in enumerate(datasets):
+        for j, study in enumerate(studies):
+            ax = axes[i][j]
+            rows = results[dataset].get(study, {})
+            names = [n for n, r in rows.items() if r["linear_accuracy"] is not None]
+            if study == "ratio":
+                ratios = [float(n.split()[-1]) for n in names]
+                ax.plot(ratios, [100 * rows[n]["linear_accuracy"] for n in names], "o-", label="linear probe")
+                ax.plot(ratios, [100 * rows[n]["knn_accuracy"] for n in names], "s--", label="20-NN")
+                ax.set_xlabel("mask ratio")
+                ax.legend(fontsize=7)
+            else:
+                x = np.arange(len(names))
+                ax.bar(x - 0.2, [100 * rows[n]["linear_accuracy"] for n in names], 0.4, label="linear probe")
+                ax.bar(x + 0.2, [100 * rows[n]["knn_accuracy"] for n in names], 0.4, label="20-NN")
+                init = [rows[n]["random_init_linear_accuracy"] for n in names]
+                ax.scatter(x - 0.2, [100 * v if v is not None else np.nan for v in init], marker="_", s=300,
+                           color="grey", label="linear at init", zorder=3)
+                ax.set_xticks(x, [n.split(" (")[0] for n in names], rotation=20, fontsize=7)
+                ax.legend(fontsize=7)
+            ax.set_title(f"{dataset}: {study}", fontsize=9)
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

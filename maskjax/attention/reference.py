@@ -22,36 +22,21 @@ def _apply_score_mod(mod: ScoreMod, logits: jax.Array) -> jax.Array:
     return f(jnp.arange(batch, dtype=jnp.int32), jnp.arange(heads, dtype=jnp.int32), logits)
 
 
-def reference_attention(
+def attention_weights(
     q: jax.Array,
     k: jax.Array,
-    v: jax.Array,
     mask=None,
     bias: Optional[jax.Array] = None,
     *,
     scale: Optional[float] = None,
     score_mod: Optional[ScoreMod] = None,
 ) -> jax.Array:
-    """Softmax attention computed densely in float32.
-
-    Args:
-      q: [batch, q_len, heads, head_dim].
-      k, v: [batch, k_len, kv_heads, head_dim]; heads must be a multiple of kv_heads (GQA/MQA).
-      mask: None, a ``Mask`` (masks.py) or a bool array broadcastable to [batch, heads, q_len, k_len];
-        True = may attend.
-      bias: additive logits, broadcastable to [batch, heads, q_len, k_len].
-      scale: logit scale, default 1/sqrt(head_dim).
-      score_mod: a ``ScoreMod`` applied to ``scale * q.k + bias`` before masking.
-
-    Returns:
-      [batch, q_len, heads, head_dim] in q's dtype. A query row with no allowed key gives zeros
-      (and zero gradients), never NaN.
-    """
+    """The softmax attention weights float32 [batch, heads, q_len, k_len] of :func:`reference_attention`
+    (same arguments; k may have fewer heads, GQA). Rows with no allowed key are all zeros."""
     batch, q_len, heads, _ = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     if kv_heads != heads:
         k = jnp.repeat(k, heads // kv_heads, axis=2)
-        v = jnp.repeat(v, heads // kv_heads, axis=2)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
     mod = as_score_mod(score_mod, None)
@@ -77,5 +62,37 @@ def reference_attention(
         weights = weights / jnp.where(denom > 0, denom, 1.0)
     else:
         weights = jax.nn.softmax(logits, axis=-1)
+    return weights
+
+
+def reference_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask=None,
+    bias: Optional[jax.Array] = None,
+    *,
+    scale: Optional[float] = None,
+    score_mod: Optional[ScoreMod] = None,
+) -> jax.Array:
+    """Softmax attention computed densely in float32.
+
+    Args:
+      q: [batch, q_len, heads, head_dim].
+      k, v: [batch, k_len, kv_heads, head_dim]; heads must be a multiple of kv_heads (GQA/MQA).
+      mask: None, a ``Mask`` (masks.py) or a bool array broadcastable to [batch, heads, q_len, k_len];
+        True = may attend.
+      bias: additive logits, broadcastable to [batch, heads, q_len, k_len].
+      scale: logit scale, default 1/sqrt(head_dim).
+      score_mod: a ``ScoreMod`` applied to ``scale * q.k + bias`` before masking.
+
+    Returns:
+      [batch, q_len, heads, head_dim] in q's dtype. A query row with no allowed key gives zeros
+      (and zero gradients), never NaN.
+    """
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads != heads:
+        v = jnp.repeat(v, heads // kv_heads, axis=2)
+    weights = attention_weights(q, k, mask, bias, scale=scale, score_mod=score_mod)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(jnp.float32))
     return out.astype(q.dtype)

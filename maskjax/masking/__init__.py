@@ -12,8 +12,9 @@ Example::
     visible = masking.gather_tokens(tokens, res.ids_keep)
 """
 
-from maskjax.masking.core import (PURPOSE_MASKING, MaskingResult, example_keys, gather_tokens, mask_from_bool,
-                                  mask_from_scores, masking_key, num_masked_tokens, restore_tokens, upsample_mask)
+from maskjax.masking.core import (PURPOSE_MASKING, MaskingResult, example_keys, gather_tokens, keep_all,
+                                  mask_from_bool, mask_from_scores, masking_key, num_masked_tokens, restore_tokens,
+                                  upsample_mask)
 from maskjax.masking.registry import make_masking, strategy_options
 from maskjax.masking.strategies import (NOISE_COLORS, STRATEGIES, attention_masking, block_masking,
                                         checkerboard_masking, filter_noise,
@@ -21,9 +22,10 @@ from maskjax.masking.strategies import (NOISE_COLORS, STRATEGIES, attention_mask
                                         random_masking, tube_masking)
 
 __all__ = [
-    "MaskingResult", "PURPOSE_MASKING", "masking_key", "example_keys", "num_masked_tokens", "mask_from_scores",
-    "mask_from_bool", "upsample_mask", "gather_tokens", "restore_tokens", "STRATEGIES", "NOISE_COLORS",
-    "make_masking", "strategy_options", "random_masking", "block_masking", "grid_masking", "tube_masking",
+    "MaskingResult", "PURPOSE_MASKING", "masking_key", "example_keys", "keep_all", "num_masked_tokens",
+    "mask_from_scores", "mask_from_bool", "upsample_mask", "gather_tokens", "restore_tokens", "STRATEGIES",
+    "NOISE_COLORS", "make_masking", "strategy_options", "random_masking", "block_masking", "grid_masking",
+    "tube_masking",
     "attention_masking", "hard_patch_masking", "hard_patch_alpha", "noise_masking", "filter_noise",
     "checkerboard_masking",
 ]

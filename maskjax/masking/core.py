@@ -233,6 +233,15 @@ def mask_from_scores(priority: jax.Array, num_masked: int, *, order: str = "sort
     return _split(jnp.asarray(priority), num_masked=int(num_masked), order=order)
 
 
+def keep_all(batch: int, num_tokens: int) -> MaskingResult:
+    """Nothing masked: every token visible, in order (an MAE pass on the whole image, e.g. HPM's loss
+    prediction before it picks the mask). ``ids_masked`` is [B, 0]."""
+    batch = check_batch(batch)
+    order = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
+    return MaskingResult(mask=jnp.zeros((batch, num_tokens), bool), ids_keep=order,
+                         ids_masked=jnp.zeros((batch, 0), jnp.int32), ids_restore=order)
+
+
 def inverse_permutation(perm: jax.Array) -> jax.Array:
     """Row-wise inverse of permutations ``perm`` [B, N]: ``inv[b, perm[b, i]] = i`` (a scatter, not a sort)."""
     b, n = perm.shape

@@ -15,6 +15,7 @@ import numpy as np
 
 from maskjax.attention import attention
 from maskjax.attention.approx_bounded import BoundedLogitScale, logit_norm_bound, max_abs_logit
+from maskjax.attention.reference import attention_weights
 from maskjax.models.attention_options import AttentionOptions
 
 Dtype = Any
@@ -133,6 +134,11 @@ class HeadsOutProjection(nn.Module):
         return y
 
 
+# Flax collection that receives every attention call's head-averaged weights, float32 [batch, q_len, kv_len],
+# when the caller makes it mutable (AttMask scores, attention maps); nothing is computed otherwise.
+ATTENTION_MAPS = "attention_maps"
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head (self- or cross-) attention through `maskjax.attention.attention`.
 
@@ -185,6 +191,8 @@ class MultiHeadAttention(nn.Module):
             exact = q.shape[1] * k.shape[1] <= 4096 * 4096
             self.sow("intermediates", "max_abs_logit",
                      max_abs_logit(q, k, scale) if exact else logit_norm_bound(q, k, scale))
+        if self.is_mutable_collection(ATTENTION_MAPS):  # only when asked for (AttMask, visualisation)
+            self.sow(ATTENTION_MAPS, "probs", jnp.mean(attention_weights(q, k, mask, bias, scale=scale), axis=1))
         out = attention(q, k, v, mask=mask, bias=bias, scale=scale, **self.options.call_kwargs())
         out = nn.with_logical_constraint(out, ("batch", "tokens", "heads", None))
         return HeadsOutProjection(out_features, use_bias=self.use_bias, dtype=self.dtype, name="out")(out)

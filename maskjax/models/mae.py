@@ -22,7 +22,7 @@ from maskjax.models.layers import DEFAULT_KERNEL_INIT, ZEROS, Encoder, pair, pos
 from maskjax.models.vit import ViT
 
 MIM_MODES = ("mae", "mask_token")
-TARGETS = ("pixels", "norm_pixels", "hog")
+TARGETS = ("pixels", "norm_pixels", "hog", "teacher")
 
 
 def patchify(images: jax.Array, patch_size: Any) -> jax.Array:
@@ -105,6 +105,36 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array
     return jnp.sum(per_patch * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def ranking_loss(loss_pred: jax.Array, loss_target: jax.Array, mask: jax.Array) -> jax.Array:
+    """Hard Patches Mining's relative loss: over every pair (i, j) of masked patches of a sample whose true losses
+    differ, binary cross-entropy between sigmoid(pred_i - pred_j) and [target_i > target_j].
+
+    loss_pred, loss_target float [B, N] (the target is not differentiated); mask bool [B, N] (True = masked).
+    Returns the mean over valid pairs (0 if there are none).
+    """
+    chex.assert_equal_shape([loss_pred, loss_target, mask])
+    target = jax.lax.stop_gradient(loss_target.astype(jnp.float32))
+    pred = loss_pred.astype(jnp.float32)
+    both_masked = mask[:, :, None] & mask[:, None, :]
+    greater = (target[:, :, None] > target[:, None, :]) & both_masked
+    smaller = (target[:, :, None] < target[:, None, :]) & both_masked
+    difference = pred[:, :, None] - pred[:, None, :]
+    # -log sigmoid(d) for ordered pairs i > j, -log(1 - sigmoid(d)) = -log sigmoid(-d) for i < j.
+    losses = jnp.where(greater, -jax.nn.log_sigmoid(difference), 0.0) + \
+        jnp.where(smaller, -jax.nn.log_sigmoid(-difference), 0.0)
+    valid = jnp.sum(greater | smaller)
+    return jnp.sum(losses) / jnp.maximum(valid, 1).astype(jnp.float32)
+
+
+def feature_targets(features: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Teacher features as regression targets: each token normalised to zero mean and unit variance over its
+    channels (parameter-free LayerNorm, as data2vec / MaskFeat-style feature targets). [B, N, D] -> float32."""
+    features = jax.lax.stop_gradient(features.astype(jnp.float32))
+    mean = jnp.mean(features, axis=-1, keepdims=True)
+    var = jnp.var(features, axis=-1, keepdims=True)
+    return (features - mean) * jax.lax.rsqrt(var + eps)
+
+
 class MAE(nn.Module):
     """Masked autoencoder around a ViT encoder.
 
@@ -116,6 +146,8 @@ class MAE(nn.Module):
       decoder_width, decoder_depth, decoder_heads, decoder_mlp_dim: the decoder transformer (depth 0 = a linear
         prediction head on the encoder output).
       output_dim: values predicted per patch (None: ph·pw·C of the input images).
+      loss_predictor: add Hard Patches Mining's loss-prediction head (a linear map of the decoder features to one
+        value per patch, aux['loss_pred'] [B, N]; a lighter stand-in for HPM's separate loss decoder).
       dtype: compute dtype.
     `__call__(images [B, H, W, C], masking: MaskingResult, train=False)` -> (pred [B, N, output_dim], aux) with
     aux['encoded'] (encoder output incl. prefix tokens: [B, P + Nv, width] for 'mae', [B, P + N, width] else).
@@ -128,6 +160,7 @@ class MAE(nn.Module):
     decoder_heads: int = 4
     decoder_mlp_dim: int = 512
     output_dim: Optional[int] = None
+    loss_predictor: bool = False
     dtype: Any = jnp.float32
 
     def _validate(self, images: jax.Array, masking: MaskingResult) -> int:
@@ -185,4 +218,10 @@ class MAE(nn.Module):
         pred = nn.Dense(output_dim, dtype=self.dtype, name="decoder_pred",
                         kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, (None, "patch")),
                         bias_init=nn.with_logical_partitioning(ZEROS, ("patch",)))(x)
-        return pred.astype(jnp.float32), {"encoded": encoded, "stem": stem}
+        aux = {"encoded": encoded, "stem": stem}
+        if self.loss_predictor:
+            loss_pred = nn.Dense(1, dtype=self.dtype, name="decoder_loss_pred",
+                                 kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, (None, None)),
+                                 bias_init=nn.with_logical_partitioning(ZEROS, (None,)))(x)
+            aux["loss_pred"] = loss_pred[..., 0].astype(jnp.float32)
+        return pred.astype(jnp.float32), aux

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 
 from maskjax.attention.masks import as_mask
 from maskjax.models.attention_options import AttentionOptions, TokenMaskSpec
-from maskjax.models.layers import (DEFAULT_KERNEL_INIT, ZEROS, Encoder, LearnedPosEmb, PatchEmbed, constrain_tokens,
-                                   pair, posemb_sincos_2d)
+from maskjax.models.layers import (ATTENTION_MAPS, DEFAULT_KERNEL_INIT, ZEROS, Encoder, LearnedPosEmb, PatchEmbed,
+                                   constrain_tokens, pair, posemb_sincos_2d)
 
 # name -> (width, depth, mlp_dim, num_heads)
 VARIANT_SIZES = {
@@ -262,3 +262,18 @@ class ViT(nn.Module):
         logits, pre_logits = self.head(encoded)
         aux.update(stem=stem, encoded=encoded, pre_logits=pre_logits, num_prefix_tokens=self.num_prefix_tokens)
         return logits, aux
+
+
+def token_attention_scores(model: ViT, params: Any, images: jax.Array, *, layer: int = -1) -> jax.Array:
+    """How much block `layer` attends to each patch, float32 [B, N] (heads averaged): the cls token's attention
+    weights over the patches (AttMask's teacher scores) or, without a cls token, the mean attention each patch
+    receives from the patch queries. No gradient flows to `params`."""
+    chex.assert_rank(images, 4)
+    index = layer % model.depth
+    _, state = model.apply({"params": jax.lax.stop_gradient(params)}, images, train=False,
+                           mutable=[ATTENTION_MAPS])
+    probs = state[ATTENTION_MAPS]["encoder"][f"block_{index}"]["attn"]["probs"][0]  # [B, T, T]
+    prefix = model.num_prefix_tokens
+    if model.class_token:
+        return probs[:, 0, prefix:]
+    return jnp.mean(probs[:, prefix:, prefix:], axis=1)

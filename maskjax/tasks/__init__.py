@@ -1,4 +1,5 @@
-"""Tasks own losses, evaluation metrics and visualisations; they know nothing of meshes or checkpoints."""
+"""Tasks own losses, evaluation metrics and visualisations; they know nothing of meshes (a MIM teacher is the one
+checkpoint a task reads: another run's frozen weights)."""
 
 from maskjax.tasks.classification import ClassificationTask
 from maskjax.tasks.mim import MIMTask

@@ -1,6 +1,6 @@
 """Supervised image classification with a ViT: loss, evaluation sums and a prediction gallery."""
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import chex
 import jax
@@ -52,8 +52,9 @@ class ClassificationTask:
         """Model variables (boxed with logical axis names) for a batch of images [b, H, W, C]."""
         return self.model.init({"params": rng}, batch["image"], train=False)
 
-    def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:
-        """Mean loss over the batch and per-batch metrics (means)."""
+    def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True,
+             step: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+        """Mean loss over the batch and per-batch metrics (means). `step` (unused) is the optimizer step."""
         chex.assert_rank(batch["image"], 4)
         chex.assert_rank(batch["label"], 1)
         dropout_rng, drop_path_rng = jax.random.split(rng)

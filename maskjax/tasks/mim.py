@@ -4,11 +4,25 @@ reconstruction metrics and a PNG grid (original / masked / reconstruction).
 Images arrive in [-1, 1] (maskjax.data.preprocess.normalize); reconstruction PSNR is measured on that range
 (data range 2), on masked patches. With 'norm_pixels' the reconstruction uses each masked patch's true mean and
 standard deviation (as MAE's visualisation does), so its PSNR measures structure, not absolute intensity.
-Targets: 'pixels', 'norm_pixels' (MAE), 'hog' (MaskFeat; no pixel reconstruction, so no PSNR). The masking of step s is drawn from the step key the trainer derives from
-(seed, s); evaluation uses fixed masks (key of `seed` and the batch position) so numbers compare across runs.
+Targets: 'pixels', 'norm_pixels' (MAE), 'hog' (MaskFeat) and 'teacher' (the normalised patch features of a
+frozen maskjax ViT checkpoint, `mim.teacher`); the last two reconstruct no pixels, so they report no PSNR.
+
+Masking: every strategy of `maskjax.masking`. The score-guided ones get their scores each step:
+  'attention'  (AttMask) the cls attention of the last block of the encoder being trained (`mim.attention_scores=
+               'self'`, parameters without gradient; AttMask uses an EMA teacher, which this trainer does not
+               keep) or of the frozen `mim.teacher` ('teacher').
+  'hard_patch' (HPM) the MAE's own loss predictor (a head trained with HPM's pairwise ranking loss, weight
+               `mim.loss_predictor_weight`) run on the whole image; the hardest fraction rises linearly from 0 to
+               `mim.hard_patch_alpha_max` over training.
+The masking of step s is drawn from the step key the trainer derives from (seed, s); evaluation uses fixed masks
+(key of `seed` and the batch position; random masks of the same ratio for the score-guided strategies) so numbers
+compare across runs.
 """
 
-from typing import Any, Mapping
+import json
+import os
+
+from typing import Any, Mapping, Optional
 
 import chex
 import jax
@@ -17,12 +31,17 @@ import ml_collections
 import numpy as np
 
 from maskjax import masking as masking_lib
-from maskjax.models.mae import MAE, hog_features, masked_mse, normalize_patches, patchify, unpatchify
+from maskjax.models.mae import (MAE, feature_targets, hog_features, masked_mse, normalize_patches, patchify,
+                                ranking_loss, unpatchify)
+from maskjax.models.vit import ViT, token_attention_scores
 from maskjax.tasks.classification import vit_from_config
+from maskjax.train.checkpoint import load_params
 
 Batch = Mapping[str, jax.Array]
-# Strategies that need per-step scores (teacher attention, predicted difficulty) are not wired into this task.
 SCORE_FREE_STRATEGIES = ("random", "block", "grid", "noise", "checkerboard")
+GUIDED_STRATEGIES = ("attention", "hard_patch")  # need per-step scores (attention maps, predicted losses)
+MIM_STRATEGIES = SCORE_FREE_STRATEGIES + GUIDED_STRATEGIES
+ATTENTION_SCORE_SOURCES = ("self", "teacher")
 
 
 def mae_from_config(config: ml_collections.ConfigDict) -> MAE:
@@ -33,20 +52,55 @@ def mae_from_config(config: ml_collections.ConfigDict) -> MAE:
                decoder_heads=m.decoder_heads, decoder_mlp_dim=m.decoder_mlp_dim, dtype=encoder.dtype)
 
 
-def masking_from_config(mim_config: ml_collections.ConfigDict):
-    """`fn(key, batch, grid_hw) -> MaskingResult` of `config.mim`; a ValueError names the bad key."""
-    name = mim_config.masking
-    if name not in SCORE_FREE_STRATEGIES:
-        raise ValueError(f"config.mim.masking={name!r}: must be one of {SCORE_FREE_STRATEGIES} (strategies "
-                         "that need teacher or difficulty scores are not wired into the MIM task)")
+def masking_from_config(mim_config: ml_collections.ConfigDict, *, name: Optional[str] = None):
+    """`fn(key, batch, grid_hw, **per_call) -> MaskingResult` of `config.mim` (strategy `name` instead of
+    `mim.masking` if given, without options); per-call keywords are the scores of the guided strategies. A
+    ValueError names the bad key."""
+    options = {} if name is not None else mim_config.masking_options.to_dict()
+    name = mim_config.masking if name is None else name
+    if name not in MIM_STRATEGIES:
+        raise ValueError(f"config.mim.masking={name!r}: must be one of {MIM_STRATEGIES}")
+    per_step = sorted({"scores", "alpha"} & set(options))
+    if per_step:
+        raise ValueError(f"config.mim.masking_options.{per_step[0]}: set by the MIM task at every step, not in the "
+                         "config (see mim.attention_scores, mim.hard_patch_alpha_max)")
     try:
-        fn = masking_lib.make_masking(name, **mim_config.masking_options.to_dict())
+        fn = masking_lib.make_masking(name, **options)
     except ValueError as err:
         raise ValueError(f"config.mim.masking_options: {err}") from err
     ratio = float(mim_config.mask_ratio)
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"config.mim.mask_ratio={ratio}: must be in (0, 1)")
-    return lambda key, batch, grid_hw: fn(key, batch, tuple(grid_hw), ratio)
+    return lambda key, batch, grid_hw, **per_call: fn(key, batch, tuple(grid_hw), ratio, **per_call)
+
+
+def teacher_from_config(config: ml_collections.ConfigDict) -> Optional[tuple[ViT, Any]]:
+    """(ViT, parameters) of the frozen teacher `config.mim.teacher` (a maskjax run's workdir: its config.json
+    gives the architecture, its checkpoint the weights), or None when no teacher is set."""
+    t = config.mim.teacher
+    if not t.workdir:
+        return None
+    path = os.path.join(t.workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"config.mim.teacher.workdir={t.workdir!r}: no config.json there (not a maskjax run)")
+    with open(path) as f:
+        teacher_config = ml_collections.ConfigDict(json.load(f))
+    params_key = t.params_key
+    if params_key == "auto":  # MIM runs keep their encoder under 'encoder', classification runs at the top
+        params_key = "encoder" if teacher_config.get("task") == "mim" else ""
+    params, _ = load_params(t.workdir, t.step, params_key, config_key="mim.teacher")
+    model = vit_from_config(teacher_config.model).clone(num_classes=None, drop_path_rate=0.0, dropout=0.0)
+    params = {k: v for k, v in params.items() if k != "head"}  # classifier heads are not needed
+    image_hw = (config.data.image_size,) * 2
+    expected = vit_from_config(config.model).patch_grid(image_hw)
+    try:
+        grid = model.patch_grid(image_hw)
+    except ValueError as err:
+        raise ValueError(f"config.mim.teacher.workdir={t.workdir!r}: {err}") from err
+    if grid != expected:
+        raise ValueError(f"config.mim.teacher.workdir={t.workdir!r}: the teacher's patch grid {grid} differs from "
+                         f"the student's {expected} at data.image_size={config.data.image_size}")
+    return model, jax.tree.map(jnp.asarray, params)
 
 
 class MIMTask:
@@ -56,10 +110,24 @@ class MIMTask:
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
-        self.model = mae_from_config(config)
-        self.masking = masking_from_config(config.mim)
-        self.target = config.mim.target
+        m = config.mim
+        self.strategy = m.masking
+        self.model = mae_from_config(config).clone(loss_predictor=self.strategy == "hard_patch")
+        self.masking = masking_from_config(m)
+        guided = self.strategy in GUIDED_STRATEGIES
+        self.eval_masking = masking_from_config(m, name="random") if guided else self.masking
+        self.target = m.target
         self.patch_size = self.model.encoder.patch_size
+        if m.attention_scores not in ATTENTION_SCORE_SOURCES:
+            raise ValueError(f"config.mim.attention_scores={m.attention_scores!r}: must be one of "
+                             f"{ATTENTION_SCORE_SOURCES}")
+        needs_teacher = self.target == "teacher" or (self.strategy == "attention" and m.attention_scores == "teacher")
+        if needs_teacher and not m.teacher.workdir:
+            raise ValueError(f"config.mim.teacher.workdir is empty but mim.target={self.target!r} / mim.masking="
+                             f"{self.strategy!r} with mim.attention_scores={m.attention_scores!r} needs a teacher")
+        if not 0.0 <= m.hard_patch_alpha_max <= 1.0:
+            raise ValueError(f"config.mim.hard_patch_alpha_max={m.hard_patch_alpha_max}: must be in [0, 1]")
+        self.teacher = teacher_from_config(config) if needs_teacher else None
 
     def _grid(self, images: jax.Array) -> tuple[int, int]:
         return self.model.encoder.patch_grid(images.shape[1:3])
@@ -67,43 +135,87 @@ class MIMTask:
     def _targets(self, images: jax.Array) -> jax.Array:
         if self.target == "hog":
             return hog_features(images, self.patch_size)
+        if self.target == "teacher":
+            teacher, teacher_params = self.teacher
+            _, aux = teacher.apply({"params": teacher_params}, images, train=False)
+            return feature_targets(aux["encoded"][:, teacher.num_prefix_tokens:])
         patches = patchify(images.astype(jnp.float32), self.patch_size)
         return normalize_patches(patches)[0] if self.target == "norm_pixels" else patches
 
     def _model(self, images: jax.Array) -> MAE:
-        """The MAE with its output sized for the target of these images (HOG: 9 bins per channel per patch)."""
-        if self.target != "hog":
-            return self.model
-        return self.model.clone(output_dim=9 * images.shape[-1])
+        """The MAE with its output sized for the target of these images (HOG: 9 bins per channel per patch;
+        teacher: the teacher's width)."""
+        if self.target == "hog":
+            return self.model.clone(output_dim=9 * images.shape[-1])
+        if self.target == "teacher":
+            return self.model.clone(output_dim=self.teacher[0].width)
+        return self.model
 
     def _eval_masking(self, images: jax.Array) -> masking_lib.MaskingResult:
         key = masking_lib.masking_key(self.config.seed, 0)
-        return self.masking(key, images.shape[0], self._grid(images))
+        return self.eval_masking(key, images.shape[0], self._grid(images))
+
+    def hard_fraction(self, step: Optional[jax.Array]) -> jax.Array:
+        """HPM's share of hardest patches among the masked ones at `step` (None: the end of training)."""
+        total = max(int(self.config.total_steps), 1)
+        step = total - 1 if step is None else step
+        return masking_lib.hard_patch_alpha(step, total, float(self.config.mim.hard_patch_alpha_max))
+
+    def guidance_scores(self, params: Any, images: jax.Array) -> jax.Array:
+        """The per-patch scores [B, N] the guided strategy masks by (no gradient): AttMask's cls attention or HPM's
+        predicted reconstruction loss on the whole image."""
+        if self.strategy == "attention":
+            if self.config.mim.attention_scores == "teacher":
+                return token_attention_scores(*self.teacher, images)
+            return token_attention_scores(self.model.encoder, params["encoder"], images)
+        whole = masking_lib.keep_all(images.shape[0], int(np.prod(self._grid(images))))
+        _, aux = self._model(images).apply({"params": jax.lax.stop_gradient(params)}, images, whole, train=False)
+        return aux["loss_pred"]
+
+    def train_masking(self, params: Any, images: jax.Array, key: jax.Array,
+                      step: Optional[jax.Array] = None) -> masking_lib.MaskingResult:
+        """The masks of one training step."""
+        batch, grid = images.shape[0], self._grid(images)
+        if self.strategy == "attention":
+            return self.masking(key, batch, grid, scores=self.guidance_scores(params, images))
+        if self.strategy == "hard_patch":
+            return self.masking(key, batch, grid, scores=self.guidance_scores(params, images),
+                                alpha=self.hard_fraction(step))
+        return self.masking(key, batch, grid)
 
     def init(self, rng: jax.Array, batch: Batch) -> Any:
         images = batch["image"]
         masks = self._eval_masking(images)
         return self._model(images).init({"params": rng}, images, masks, train=False)
 
-    def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:
+    def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True,
+             step: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+        """Masked-patch reconstruction loss (+ HPM's ranking loss) and metrics; `step` drives HPM's schedule."""
         images = batch["image"]
         chex.assert_rank(images, 4)
         mask_rng, dropout_rng, drop_path_rng = jax.random.split(rng, 3)
-        masks = self.masking(mask_rng, images.shape[0], self._grid(images))
-        pred, _ = self._model(images).apply({"params": params}, images, masks, train=train,
-                                            rngs={"dropout": dropout_rng, "drop_path": drop_path_rng})
-        loss = masked_mse(pred, self._targets(images), masks.mask)
-        return loss, {"masked_fraction": jnp.mean(masks.mask.astype(jnp.float32))}
+        masks = self.train_masking(params, images, mask_rng, step)
+        pred, aux = self._model(images).apply({"params": params}, images, masks, train=train,
+                                              rngs={"dropout": dropout_rng, "drop_path": drop_path_rng})
+        targets = self._targets(images)
+        loss = masked_mse(pred, targets, masks.mask)
+        metrics = {"masked_fraction": jnp.mean(masks.mask.astype(jnp.float32)), "reconstruction_loss": loss}
+        if self.strategy == "hard_patch":
+            per_patch = jnp.mean(jnp.square(pred - targets), axis=-1)
+            ranking = ranking_loss(aux["loss_pred"], per_patch, masks.mask)
+            loss = loss + self.config.mim.loss_predictor_weight * ranking
+            metrics.update(loss_predictor=ranking, hard_fraction=self.hard_fraction(step))
+        return loss, metrics
 
     def reconstruct(self, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(reconstruction [B, H, W, C] in image units, with visible patches copied from the input; mask [B, N]).
-        With the 'hog' target nothing is reconstructed: masked patches are 0 (grey)."""
+        With the 'hog' and 'teacher' targets nothing is reconstructed: masked patches are 0 (grey)."""
         masks = self._eval_masking(images)
         patches = patchify(images.astype(jnp.float32), self.patch_size)
-        if self.target == "hog":
+        if self.target in ("hog", "teacher"):
             merged = jnp.where(masks.mask[..., None], 0.0, patches)
             return unpatchify(merged, self.patch_size, self._grid(images), images.shape[-1]), masks.mask
-        pred, _ = self.model.apply({"params": params}, images, masks, train=False)
+        pred, _ = self._model(images).apply({"params": params}, images, masks, train=False)
         if self.target == "norm_pixels":  # undo the per-patch normalisation with the true patch statistics
             _, mean, std = normalize_patches(patches)
             pred = pred * std + mean
@@ -120,7 +232,7 @@ class MIMTask:
         per_patch = jnp.mean(jnp.square(pred - targets), axis=-1)
         loss = jnp.sum(per_patch * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
         valid = batch["valid"].astype(jnp.float32)
-        if self.target == "hog":
+        if self.target in ("hog", "teacher"):
             return {"count": jnp.sum(valid), "loss": jnp.sum(loss * valid)}
         recon, _ = self.reconstruct(params, images)
         pixel_err = jnp.square(patchify(recon, self.patch_size) - patchify(images.astype(jnp.float32),

@@ -57,6 +57,26 @@ class Checkpointer:
         self._manager.close()
 
 
+def load_params(workdir: str, step: int = -1, params_key: str = "", *, config_key: str = "init_from") -> tuple:
+    """(numpy parameter tree under `params_key` ('a/b' path, '' = all), step) of the checkpoint `step` (-1 = latest)
+    of another run's `workdir`. ValueErrors name `config_key` and the missing step or key."""
+    source = Checkpointer(workdir, keep=1, async_save=False)
+    try:
+        step = source.latest_step() if step < 0 else step
+        if step is None or step not in source.all_steps():
+            raise ValueError(f"config.{config_key}.workdir={workdir!r}: no checkpoint at step "
+                             f"{'latest' if step is None else step} (found {source.all_steps()})")
+        loaded = source.restore_params(step)
+    finally:
+        source.close()
+    for part in filter(None, params_key.split("/")):
+        if part not in loaded:
+            raise ValueError(f"config.{config_key}.params_key={params_key!r}: {part!r} is not in the checkpoint's "
+                             f"parameters (top-level keys: {sorted(loaded)})")
+        loaded = loaded[part]
+    return loaded, step
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """A restore target: ShapeDtypeStructs of `tree` carrying `shardings`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -8,6 +8,7 @@ import difflib
 from typing import Any, Iterable, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 # Logical axis -> mesh axes. A mesh axis of size 1 costs nothing, so the same rules serve data parallelism
@@ -70,9 +71,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.mim = ml_collections.ConfigDict()  # Masked image modeling (task='mim'); the encoder is `model`.
     c.mim.mode = "mae"  # 'mae' (encoder on visible patches only) or 'mask_token' (SimMIM / BEiT style).
     c.mim.mask_ratio = 0.75  # Fraction of patches masked (exact count per image).
-    c.mim.masking = "random"  # Strategy of maskjax.masking: 'random', 'block', 'grid', 'noise', 'checkerboard'.
+    # Strategy of maskjax.masking: 'random', 'block', 'grid', 'noise', 'checkerboard', 'attention' (AttMask),
+    # 'hard_patch' (HPM).
+    c.mim.masking = "random"
     c.mim.masking_options = ml_collections.ConfigDict()  # Keyword options of the strategy (e.g. min_num_patches).
-    c.mim.target = "norm_pixels"  # "pixels", "norm_pixels" (per-patch normalised, MAE) or "hog" (MaskFeat).
+    # "pixels", "norm_pixels" (per-patch normalised, MAE), "hog" (MaskFeat) or "teacher" (mim.teacher's features).
+    c.mim.target = "norm_pixels"
+    c.mim.attention_scores = "self"  # AttMask's scores: 'self' (the encoder in training) or 'teacher' (mim.teacher).
+    c.mim.hard_patch_alpha_max = 0.5  # HPM: hardest share of the masked patches at the end (from 0, linear).
+    c.mim.loss_predictor_weight = 1.0  # HPM: weight of the loss predictor's pairwise ranking loss.
+    c.mim.teacher = ml_collections.ConfigDict()  # A frozen maskjax ViT (target 'teacher', AttMask 'teacher').
+    c.mim.teacher.workdir = ""  # Workdir of the teacher's run (its config.json and checkpoints).
+    c.mim.teacher.step = -1  # Its checkpoint step (-1 = latest).
+    c.mim.teacher.params_key = "auto"  # Its encoder's parameter sub-tree ('auto': 'encoder' for MIM runs, else '').
     c.mim.decoder_width = 128  # Decoder transformer width.
     c.mim.decoder_depth = 2  # Decoder blocks (0 = linear head on the encoder output).
     c.mim.decoder_heads = 4  # Decoder attention heads.
@@ -255,10 +266,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         if m.decoder_depth and (m.decoder_width < 1 or m.decoder_heads < 1 or m.decoder_width % m.decoder_heads):
             _fail("mim.decoder_width", m.decoder_width, f"must be >= 1 and divisible by mim.decoder_heads="
                   f"{m.decoder_heads}")
+        if m.attention_scores not in ("self", "teacher"):
+            _fail("mim.attention_scores", m.attention_scores, "must be 'self' or 'teacher'")
+        if not 0.0 <= m.hard_patch_alpha_max <= 1.0:
+            _fail("mim.hard_patch_alpha_max", m.hard_patch_alpha_max, "must be in [0, 1]")
+        needs_teacher = m.target == "teacher" or (m.masking == "attention" and m.attention_scores == "teacher")
+        if needs_teacher and not m.teacher.workdir:
+            _fail("mim.teacher.workdir", m.teacher.workdir, f"is needed by mim.target={m.target!r} / mim.masking="
+                  f"{m.masking!r} with mim.attention_scores={m.attention_scores!r}")
         mask_fn = masking_from_config(m)
         grid = (config.data.image_size // patch,) * 2
+        per_call = {}
+        if m.masking in ("attention", "hard_patch"):
+            per_call["scores"] = jax.ShapeDtypeStruct((2, grid[0] * grid[1]), jnp.float32)
+        if m.masking == "hard_patch":
+            per_call["alpha"] = jax.ShapeDtypeStruct((), jnp.float32)
         try:  # static options are checked while tracing: no compute
-            jax.eval_shape(lambda key: mask_fn(key, 2, grid), jax.random.key(0))
+            jax.eval_shape(lambda key, kw: mask_fn(key, 2, grid, **kw), jax.random.key(0), per_call)
         except ValueError as err:
             _fail("mim.masking_options", m.masking_options.to_dict(), f"strategy {m.masking!r} on a {grid} grid: {err}")
 

@@ -168,14 +168,14 @@ class Trainer:
         accum = self.config.optimizer.accum_steps
         root_key = self.root_key
 
-        def grads_of(params, batch, key):
-            (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, key, True)
+        def grads_of(params, batch, key, step):
+            (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, key, True, step)
             return grads, dict(metrics, loss=loss)
 
         def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
             step_key = jax.random.fold_in(jax.random.fold_in(root_key, PURPOSE_TRAIN), state.step)
             if accum == 1:
-                grads, metrics = grads_of(state.params, batch, step_key)
+                grads, metrics = grads_of(state.params, batch, step_key, state.step)
             else:
                 # Micro-batch a takes examples a, a+accum, ...: every micro-batch stays spread over all devices.
                 def split(x):
@@ -185,11 +185,11 @@ class Trainer:
 
                 def body(carry, inputs):
                     index, micro = inputs
-                    grads, metrics = grads_of(state.params, micro, jax.random.fold_in(step_key, index))
+                    grads, metrics = grads_of(state.params, micro, jax.random.fold_in(step_key, index), state.step)
                     return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
                 zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, state.params, jax.tree.map(
-                    lambda x: x[0], micro_batches), step_key))
+                    lambda x: x[0], micro_batches), step_key, state.step))
                 (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro_batches))
                 grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -242,20 +242,7 @@ class Trainer:
         MAE encoder for fine-tuning); parameters it lacks (a new head) keep their initialisation. The optimizer
         state is rebuilt for the new parameters."""
         cfg = self.config.init_from
-        source = ckpt_lib.Checkpointer(cfg.workdir, keep=1, async_save=False)
-        try:
-            step = source.latest_step() if cfg.step < 0 else cfg.step
-            if step is None or step not in source.all_steps():
-                raise ValueError(f"config.init_from.workdir={cfg.workdir!r}: no checkpoint at step "
-                                 f"{'latest' if cfg.step < 0 else cfg.step} (found {source.all_steps()})")
-            loaded = source.restore_params(step)
-        finally:
-            source.close()
-        for part in filter(None, cfg.params_key.split("/")):
-            if part not in loaded:
-                raise ValueError(f"config.init_from.params_key={cfg.params_key!r}: {part!r} is not in the checkpoint's "
-                                 f"parameters (top-level keys: {sorted(loaded)})")
-            loaded = loaded[part]
+        loaded, step = ckpt_lib.load_params(cfg.workdir, cfg.step, cfg.params_key)
         fresh = flax.traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
         incoming = flax.traverse_util.flatten_dict(loaded, sep="/")
         unknown = sorted(set(incoming) - set(fresh))

@@ -80,7 +80,7 @@ def test_reconstruction_keeps_visible_patches_and_psnr_matches_numpy():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(mim__masking="attention"), "config.mim.masking='attention'"),
+    (dict(mim__masking="attention", mim__masking_options={"scores": 1.0}), "config.mim.masking_options.scores"),
     (dict(mim__masking="blocky"), "config.mim.masking='blocky'"),
     (dict(mim__mask_ratio=1.0), "config.mim.mask_ratio=1.0"),
     (dict(mim__mode="beit"), "mim.mode='beit'"),
