@@ -48,6 +48,8 @@ def main(argv=None):
     p.add_argument("--studies", nargs="+", default=["baseline", "strategy", "ratio"], choices=list(STUDIES))
     p.add_argument("--datasets", nargs="+", default=list(MAE_CONFIGS), choices=list(MAE_CONFIGS))
     p.add_argument("--steps", type=int, default=2000)  # 600 MAE steps are too few to move the probes (README)
+    p.add_argument("--collect-only", action="store_true",
+                   help="tabulate the finished runs, start none (e.g. while another invocation is still running)")
     p.add_argument("--workdir-root", default=os.path.join(sweep.REPO, "workdirs", "mim"))
     args = p.parse_args(argv)
     command = ("python experiments/mim/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
@@ -69,6 +71,8 @@ def main(argv=None):
                 run_name = os.path.basename(config)[:-3] + "_" + "_".join(
                     f"{k}={v}" for k, v in sorted(overrides.items()) if k.startswith("mim."))
                 workdir = os.path.join(args.workdir_root, f"{dataset}_{args.steps}", slug(run_name))
+                if args.collect_only and not sweep.finished(sweep.read_metrics(workdir), args.steps):
+                    continue
                 records, seconds = sweep.run(config, workdir, overrides, args.steps)
                 final = sweep.final(records, args.steps)
                 row = {k: final.get(f"probe/{k}") for k in

@@ -29,7 +29,7 @@ from maskjax.data.preprocess import preprocess_eval, preprocess_train
 __all__ = ["make_source", "TrainLoader", "EvalLoader", "eval_batches", "preprocess_eval", "preprocess_train",
            "SOURCE_NAMES"]
 
-SOURCE_NAMES = ("builtin_shapes", "fashion_mnist", "tfds:<builder_name>")
+SOURCE_NAMES = ("builtin_shapes", "builtin_clips", "fashion_mnist", "tfds:<builder_name>")
 _ORDER_TAG = 0x0D5E  # Key-stream tags: data order and augmentation never share a stream.
 _AUGMENT_TAG = 0xA06
 PURPOSE_CROP_FLIP = 1
@@ -51,8 +51,9 @@ def make_source(name: str, split: str, *, seed: int = 0, image_size: int = 32, d
 
     Args:
       name: 'builtin_shapes' (generated at `image_size` from `seed`; kwargs: num_classes, max_objects,
-        split_sizes, cache=True to materialise the split in memory), 'fashion_mnist' (IDX files or TFDS; kwargs:
-        validation_size, use_tfds; `seed` and `image_size` do not change the data) or 'tfds:<builder_name>'
+        split_sizes, cache=True to materialise the split in memory), 'builtin_clips' (video: panning clips of
+        those images, 'image' uint8 [T, H, W, C]; kwargs: num_frames, max_speed and the image options),
+        'fashion_mnist' (IDX files or TFDS; kwargs: validation_size, use_tfds; `seed` and `image_size` do not change the data) or 'tfds:<builder_name>'
         (a TFDS array_record data source, e.g. 'tfds:maskjax_shapes/small'; builds maskjax's own builders offline on
         first use; kwargs: download, builder_kwargs).
       split: split name of that data set ('train', 'validation', 'test', or a TFDS split such as 'train[:90%]').
@@ -69,6 +70,10 @@ def make_source(name: str, split: str, *, seed: int = 0, image_size: int = 32, d
         if cache:
             source.as_arrays()
         return source
+    if name == "builtin_clips":
+        from maskjax.data.clips import ShapeClips
+
+        return ShapeClips(split, seed=seed, image_size=image_size, **kwargs)
     if name == "fashion_mnist":
         from maskjax.data import fashion_mnist
 
@@ -107,9 +112,11 @@ def _read(source: Source, indices: Sequence[int]) -> list[dict[str, np.ndarray]]
 
 
 def _stack(examples: Sequence[dict[str, np.ndarray]], image_size: int) -> dict[str, np.ndarray]:
-    """Stacks preprocessed examples into a batch: 'image' float32 [b, image_size, image_size, C], 'label' [b]."""
+    """Stacks preprocessed examples into a batch: 'image' float32 [b, image_size, image_size, C] (video:
+    [b, T, image_size, image_size, C]), 'label' [b]."""
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    chex.assert_shape(batch["image"], (len(examples), image_size, image_size, None))
+    frames = (None,) if batch["image"].ndim == 5 else ()
+    chex.assert_shape(batch["image"], (len(examples),) + frames + (image_size, image_size, None))
     chex.assert_type(batch["image"], np.float32)
     if "label" in batch:
         chex.assert_shape(batch["label"], (len(examples),))

@@ -30,16 +30,19 @@ def resize(example: Mapping[str, np.ndarray], image_size: int) -> dict[str, np.n
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     out = dict(example)
-    height, width = example["image"].shape[:2]
+    height, width = example["image"].shape[-3:-1]
     if (height, width) == (image_size, image_size):
         return out
     from PIL import Image
 
-    image = example["image"]
-    channels = image.shape[-1]
-    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-    resized = np.asarray(pil.resize((image_size, image_size), Image.Resampling.BILINEAR))
-    out["image"] = resized[..., None] if channels == 1 else resized
+    def resize_image(image):
+        channels = image.shape[-1]
+        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+        resized = np.asarray(pil.resize((image_size, image_size), Image.Resampling.BILINEAR))
+        return resized[..., None] if channels == 1 else resized
+
+    image = example["image"]  # [H, W, C] or a clip [T, H, W, C], resized frame by frame
+    out["image"] = resize_image(image) if image.ndim == 3 else np.stack([resize_image(f) for f in image])
     for key in DENSE_KEYS:
         if key in example:
             # Nearest neighbour keeps ids valid: sample the source pixel under each target pixel centre.
@@ -65,13 +68,15 @@ def random_crop_flip(example: Mapping[str, np.ndarray], rng: np.random.Generator
         if key not in example:
             continue
         array = example[key]
-        height, width = array.shape[:2]
+        lead = array.ndim - 3 if key == "image" else 0  # a clip [T, H, W, C]: every frame gets the same geometry
+        height, width = array.shape[lead:lead + 2]
         if padding:
-            pad = [(padding, padding), (padding, padding)] + [(0, 0)] * (array.ndim - 2)
+            pad = [(0, 0)] * lead + [(padding, padding), (padding, padding)] + [(0, 0)] * (array.ndim - lead - 2)
             array = np.pad(array, pad, constant_values=_PAD_VALUES[key])
-            array = array[offset_y:offset_y + height, offset_x:offset_x + width]
+            window = (slice(offset_y, offset_y + height), slice(offset_x, offset_x + width))
+            array = array[(slice(None),) * lead + window]
         if flip and coin < 0.5:
-            array = array[:, ::-1]
+            array = array[(slice(None),) * (lead + 1) + (slice(None, None, -1),)]
         out[key] = np.ascontiguousarray(array)
     return out
 

@@ -77,8 +77,9 @@ def _check_batch(batch: Mapping[str, Any], index: int) -> tuple[Any, np.ndarray,
     images, labels = batch["image"], np.asarray(batch["label"])
     if not hasattr(images, "dtype"):
         images = np.asarray(images)
-    if np.ndim(images) != 4:
-        raise ValueError(f"batch {index}: 'image' must be [b, H, W, C], got shape {np.shape(images)}")
+    if np.ndim(images) not in (4, 5):
+        raise ValueError(f"batch {index}: 'image' must be [b, H, W, C] (or clips [b, T, H, W, C]), got shape "
+                         f"{np.shape(images)}")
     b = np.shape(images)[0]
     if labels.shape != (b,):
         raise ValueError(f"batch {index}: 'label' must be [{b}], got shape {labels.shape}")

@@ -191,7 +191,7 @@ class MultiHeadAttention(nn.Module):
             exact = q.shape[1] * k.shape[1] <= 4096 * 4096
             self.sow("intermediates", "max_abs_logit",
                      max_abs_logit(q, k, scale) if exact else logit_norm_bound(q, k, scale))
-        if self.is_mutable_collection(ATTENTION_MAPS):  # only when asked for (AttMask, visualisation)
+        if self.is_mutable_collection(ATTENTION_MAPS) and not self.is_initializing():  # asked for (AttMask)
             self.sow(ATTENTION_MAPS, "probs", jnp.mean(attention_weights(q, k, mask, bias, scale=scale), axis=1))
         out = attention(q, k, v, mask=mask, bias=bias, scale=scale, **self.options.call_kwargs())
         out = nn.with_logical_constraint(out, ("batch", "tokens", "heads", None))
@@ -328,34 +328,40 @@ class Encoder(nn.Module):
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> linear embedding (a conv with kernel = stride = patch).
 
-    images [batch, H, W, C] -> tokens [batch, (H/ph) * (W/pw), width], row-major over the patch grid.
-    H and W must be multiples of the patch size.
+    images [batch, H, W, C] -> tokens [batch, (H/ph) * (W/pw), width], row-major over the patch grid. With
+    `tubelet_size` t (video, VideoMAE's tubelets): videos [batch, T, H, W, C] -> [batch, (T/t) * (H/ph) * (W/pw),
+    width], time-major (token index = t * gh * gw + row * gw + col). Sizes must be multiples of the patch.
     """
 
     width: int
     patch_size: Union[int, Sequence[int]]
+    tubelet_size: Optional[int] = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         ph, pw = pair(self.patch_size, "patch_size")
-        if images.ndim != 4:
-            raise ValueError(f"images: expected [batch, H, W, C], got shape {images.shape}")
-        height, width = images.shape[1:3]
-        if height % ph or width % pw:
-            raise ValueError(f"image size {(height, width)} is not divisible by patch_size {(ph, pw)}")
+        video = self.tubelet_size is not None
+        if images.ndim != (5 if video else 4):
+            raise ValueError(f"images: expected {'[batch, T, H, W, C]' if video else '[batch, H, W, C]'}, got shape "
+                             f"{images.shape}")
+        patch = ((self.tubelet_size,) if video else ()) + (ph, pw)
+        sizes = images.shape[1:-1]
+        if any(size % p for size, p in zip(sizes, patch)):
+            raise ValueError(f"input size {sizes} is not divisible by the {'tubelet x ' if video else ''}patch size "
+                             f"{patch}")
         x = nn.Conv(
             self.width,
-            kernel_size=(ph, pw),
-            strides=(ph, pw),
+            kernel_size=patch,
+            strides=patch,
             padding="VALID",
             dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                     (None,) * (len(patch) + 1) + ("embed",)),
             bias_init=nn.with_logical_partitioning(ZEROS, ("embed",)),
             name="conv",
         )(images.astype(self.dtype))
-        batch, gh, gw, channels = x.shape
-        return x.reshape(batch, gh * gw, channels)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0,
@@ -368,12 +374,34 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0,
     """
     if width % 4:
         raise ValueError(f"posemb_sincos_2d: width={width} must be divisible by 4")
+    return jnp.asarray(_sincos_2d_table(h, w, width, temperature)[None], dtype=dtype)
+
+
+def _sincos_2d_table(h: int, w: int, width: int, temperature: float) -> np.ndarray:
+    """The numpy table [h * w, width] of `posemb_sincos_2d` (a constant, never traced)."""
     quarter = width // 4
     omega = 1.0 / temperature ** (np.arange(quarter, dtype=np.float64) / quarter)
     rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
     col_angles = cols.reshape(-1, 1) * omega[None]
     row_angles = rows.reshape(-1, 1) * omega[None]
-    emb = np.concatenate([np.sin(col_angles), np.cos(col_angles), np.sin(row_angles), np.cos(row_angles)], axis=1)
+    return np.concatenate([np.sin(col_angles), np.cos(col_angles), np.sin(row_angles), np.cos(row_angles)], axis=1)
+
+
+def posemb_sincos_3d(t: int, h: int, w: int, width: int, temperature: float = 10_000.0,
+                     dtype: Dtype = jnp.float32) -> jax.Array:
+    """Separable space-time sin-cos position embedding for a t x h x w token grid (time-major): the 2-D embedding
+    of MAE for (row, col) plus a 1-D sin-cos of the frame index over all `width` channels (MAE-ST's separable
+    space + time layout, with fixed instead of learned tables). Returns [1, t * h * w, width]; t = 1 gives
+    `posemb_sincos_2d`."""
+    if width % 4:
+        raise ValueError(f"posemb_sincos_3d: width={width} must be divisible by 4")
+    half = width // 2
+    omega = 1.0 / temperature ** (np.arange(half, dtype=np.float64) / half)
+    angles = np.arange(t, dtype=np.float64)[:, None] * omega[None]
+    time = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    time = time - time[:1]  # frame 0 adds nothing: a one-frame clip embeds like an image
+    space = _sincos_2d_table(h, w, width, temperature)
+    emb = (time[:, None, :] + space[None, :, :]).reshape(t * h * w, width)
     return jnp.asarray(emb[None], dtype=dtype)
 
 

@@ -10,6 +10,7 @@ The encoder is an ordinary `ViT` (its parameters live under 'encoder' and load i
 fine-tuning). Patch order is row-major; inside a patch (row, col, channel), as in the official MAE code.
 """
 
+import math
 from typing import Any, Optional, Sequence
 
 import chex
@@ -18,32 +19,49 @@ import jax
 import jax.numpy as jnp
 
 from maskjax.masking import MaskingResult, gather_tokens, restore_tokens
-from maskjax.models.layers import DEFAULT_KERNEL_INIT, ZEROS, Encoder, pair, posemb_sincos_2d
+from maskjax.models.layers import DEFAULT_KERNEL_INIT, ZEROS, Encoder, pair, posemb_sincos_2d, posemb_sincos_3d
 from maskjax.models.vit import ViT
 
 MIM_MODES = ("mae", "mask_token")
 TARGETS = ("pixels", "norm_pixels", "hog", "teacher")
 
 
-def patchify(images: jax.Array, patch_size: Any) -> jax.Array:
-    """images [B, H, W, C] -> patches [B, (H/ph)·(W/pw), ph·pw·C] (row-major patches; (row, col, channel) inside)."""
-    chex.assert_rank(images, 4)
-    (ph, pw), (b, h, w, c) = pair(patch_size, "patch_size"), images.shape
-    if h % ph or w % pw:
-        raise ValueError(f"patchify: image size {(h, w)} is not divisible by patch_size {(ph, pw)}")
-    x = images.reshape(b, h // ph, ph, w // pw, pw, c)
-    return jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(b, (h // ph) * (w // pw), ph * pw * c)
+def patchify(images: jax.Array, patch_size: Any, tubelet_size: Optional[int] = None) -> jax.Array:
+    """images [B, H, W, C] -> patches [B, (H/ph)·(W/pw), ph·pw·C] (row-major patches; (row, col, channel) inside).
+    With `tubelet_size` t, videos [B, T, H, W, C] -> [B, (T/t)·(H/ph)·(W/pw), t·ph·pw·C] (time-major tokens, as the
+    tubelet embedding; (frame, row, col, channel) inside)."""
+    (ph, pw) = pair(patch_size, "patch_size")
+    t = 1 if tubelet_size is None else int(tubelet_size)
+    if images.ndim == 4 and tubelet_size is None:
+        images = images[:, None]
+    elif images.ndim != 5 or tubelet_size is None:
+        raise ValueError(f"patchify: expected images [B, H, W, C] or, with tubelet_size, videos [B, T, H, W, C]; "
+                         f"got shape {images.shape} and tubelet_size={tubelet_size}")
+    b, frames, h, w, c = images.shape
+    if frames % t or h % ph or w % pw:
+        what = f"video size {(frames, h, w)} is not divisible by tubelet x patch_size {(t, ph, pw)}" \
+            if tubelet_size else f"image size {(h, w)} is not divisible by patch_size {(ph, pw)}"
+        raise ValueError(f"patchify: {what}")
+    x = images.reshape(b, frames // t, t, h // ph, ph, w // pw, pw, c)
+    x = jnp.transpose(x, (0, 1, 3, 5, 2, 4, 6, 7))
+    return x.reshape(b, (frames // t) * (h // ph) * (w // pw), t * ph * pw * c)
 
 
-def unpatchify(patches: jax.Array, patch_size: Any, grid_hw: Sequence[int], channels: int) -> jax.Array:
-    """Inverse of `patchify`: [B, gh·gw, ph·pw·C] -> [B, gh·ph, gw·pw, C]."""
+def unpatchify(patches: jax.Array, patch_size: Any, grid_hw: Sequence[int], channels: int,
+               tubelet_size: Optional[int] = None) -> jax.Array:
+    """Inverse of `patchify`: [B, gh·gw, ph·pw·C] -> [B, gh·ph, gw·pw, C]; with `tubelet_size` t and grid
+    (gt, gh, gw): [B, gt·gh·gw, t·ph·pw·C] -> [B, gt·t, gh·ph, gw·pw, C]."""
     chex.assert_rank(patches, 3)
-    (ph, pw), (gh, gw) = pair(patch_size, "patch_size"), tuple(grid_hw)
-    if patches.shape[1] != gh * gw or patches.shape[2] != ph * pw * channels:
-        raise ValueError(f"unpatchify: patches {patches.shape} do not fit grid {(gh, gw)}, patch {(ph, pw)}, "
-                         f"{channels} channels")
-    x = patches.reshape(patches.shape[0], gh, gw, ph, pw, channels)
-    return jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(patches.shape[0], gh * ph, gw * pw, channels)
+    (ph, pw), grid = pair(patch_size, "patch_size"), tuple(grid_hw)
+    t = 1 if tubelet_size is None else int(tubelet_size)
+    gt, gh, gw = grid if tubelet_size is not None and len(grid) == 3 else (1,) + grid
+    if len(grid) != (3 if tubelet_size is not None else 2) or patches.shape[1] != gt * gh * gw \
+            or patches.shape[2] != t * ph * pw * channels:
+        raise ValueError(f"unpatchify: patches {patches.shape} do not fit grid {grid}, patch {(ph, pw)}, "
+                         f"tubelet {tubelet_size}, {channels} channels")
+    x = patches.reshape(patches.shape[0], gt, gh, gw, t, ph, pw, channels)
+    x = jnp.transpose(x, (0, 1, 4, 2, 5, 3, 6, 7)).reshape(patches.shape[0], gt * t, gh * ph, gw * pw, channels)
+    return x if tubelet_size is not None else x[:, 0]
 
 
 def normalize_patches(patches: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -169,22 +187,23 @@ class MAE(nn.Module):
         if self.decoder_depth < 0 or (self.decoder_depth and self.decoder_width % self.decoder_heads):
             raise ValueError(f"MAE: decoder_depth={self.decoder_depth} must be >= 0 and decoder_width="
                              f"{self.decoder_width} divisible by decoder_heads={self.decoder_heads}")
-        if images.ndim != 4:
-            raise ValueError(f"MAE: images must be [batch, H, W, C], got shape {images.shape}")
-        grid = self.encoder.patch_grid(images.shape[1:3])
-        num_patches = grid[0] * grid[1]
+        expected = 4 if self.encoder.tubelet_size is None else 5
+        if images.ndim != expected:
+            layout = "images must be [batch, H, W, C]" if expected == 4 else "videos must be [batch, T, H, W, C]"
+            raise ValueError(f"MAE: {layout}, got shape {images.shape}")
+        num_patches = math.prod(self.encoder.token_grid(images.shape[1:-1]))
         if masking.mask.shape != (images.shape[0], num_patches):
             raise ValueError(f"MAE: masking.mask has shape {masking.mask.shape}, expected [batch, patches] = "
-                             f"{(images.shape[0], num_patches)} for images {images.shape[1:3]}")
+                             f"{(images.shape[0], num_patches)} for input size {images.shape[1:-1]}")
         return num_patches
 
     @nn.compact
     def __call__(self, images: jax.Array, masking: MaskingResult, *, train: bool = False) -> tuple[jax.Array, dict]:
         self._validate(images, masking)
         enc = self.encoder
-        grid = enc.patch_grid(images.shape[1:3])
+        grid = enc.token_grid(images.shape[1:-1])
         ph, pw = pair(enc.patch_size, "patch_size")
-        output_dim = self.output_dim or ph * pw * images.shape[-1]
+        output_dim = self.output_dim or (enc.tubelet_size or 1) * ph * pw * images.shape[-1]
         num_prefix = enc.num_prefix_tokens
 
         stem = enc.embed_patches(images)  # [B, N, width], position embeddings added
@@ -210,7 +229,9 @@ class MAE(nn.Module):
                 mask_token = self.param("mask_token", nn.with_logical_partitioning(
                     nn.initializers.normal(0.02), ("mlp",)), (self.decoder_width,), jnp.float32)
                 patches = restore_tokens(patches, mask_token.astype(patches.dtype), masking.ids_restore)
-            patches = patches + posemb_sincos_2d(grid[0], grid[1], self.decoder_width).astype(patches.dtype)
+            posemb = posemb_sincos_3d(*grid, self.decoder_width) if len(grid) == 3 else \
+                posemb_sincos_2d(*grid, self.decoder_width)
+            patches = patches + posemb.astype(patches.dtype)
             x = jnp.concatenate([prefix, patches], axis=1)
             x, _ = Encoder(depth=self.decoder_depth, mlp_dim=self.decoder_mlp_dim, num_heads=self.decoder_heads,
                            layer_norm_eps=enc.layer_norm_eps, dtype=self.dtype, name="decoder")(x, train=train)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from maskjax.attention.masks import as_mask
 from maskjax.models.attention_options import AttentionOptions, TokenMaskSpec
 from maskjax.models.layers import (ATTENTION_MAPS, DEFAULT_KERNEL_INIT, ZEROS, Encoder, LearnedPosEmb, PatchEmbed,
-                                   constrain_tokens, pair, posemb_sincos_2d)
+                                   constrain_tokens, pair, posemb_sincos_2d, posemb_sincos_3d)
 
 # name -> (width, depth, mlp_dim, num_heads)
 VARIANT_SIZES = {
@@ -56,6 +56,8 @@ class ViT(nn.Module):
     Attributes:
       num_classes: outputs of the linear head; 0 or None = no head (logits are the pre-logits).
       patch_size: int or (ph, pw).
+      tubelet_size: None for images [B, H, W, C]; t for videos [B, T, H, W, C] embedded as t x ph x pw tubelets
+        (VideoMAE), tokens time-major, fixed separable space-time sin-cos position embedding (posemb='sincos2d').
       width, depth, mlp_dim, num_heads: transformer size (see `decode_variant`).
       class_token: prepend a learned [cls] token.
       num_registers: learned register tokens after the cls token (Darcet et al. 2024).
@@ -78,6 +80,7 @@ class ViT(nn.Module):
 
     num_classes: Optional[int] = None
     patch_size: Union[int, Sequence[int]] = 16
+    tubelet_size: Optional[int] = None
     width: int = 192
     depth: int = 12
     mlp_dim: int = 768
@@ -131,12 +134,22 @@ class ViT(nn.Module):
         if uses_approx and self.token_mask.kind != "none":
             raise ValueError(f"ViT: token_mask kind={self.token_mask.kind!r} cannot be used with approx attention "
                              "layers (the low-rank kernel supports no spatial mask)")
+        if self.tubelet_size is not None:
+            if int(self.tubelet_size) < 1:
+                raise ValueError(f"ViT: tubelet_size={self.tubelet_size} must be None (images) or >= 1 (video)")
+            if self.posemb != "sincos2d":
+                raise ValueError(f"ViT: video (tubelet_size={self.tubelet_size}) needs posemb='sincos2d' (fixed "
+                                 f"space-time sin-cos), got posemb={self.posemb!r}")
+            if self.token_mask.kind != "none":
+                raise ValueError(f"ViT: token_mask kind={self.token_mask.kind!r} is defined on image patch grids, "
+                                 f"not on video (tubelet_size={self.tubelet_size})")
         if self.num_classes is not None and self.num_classes < 0:
             raise ValueError(f"ViT: num_classes={self.num_classes} must be >= 0 (0/None = no head)")
 
     def setup(self):
         self._validate()
-        self.patch_embed = PatchEmbed(self.width, self.patch_size, dtype=self.dtype, name="embedding")
+        self.patch_embed = PatchEmbed(self.width, self.patch_size, tubelet_size=self.tubelet_size, dtype=self.dtype,
+                                      name="embedding")
         if self.posemb == "learn":
             self.learned_posemb = LearnedPosEmb(self.width, grid=self.posemb_grid, name="posemb")
         if self.class_token:
@@ -167,17 +180,33 @@ class ViT(nn.Module):
             raise ValueError(f"ViT: image size {(height, width)} is not divisible by patch_size {(ph, pw)}")
         return height // ph, width // pw
 
+    def token_grid(self, input_size: Sequence[int]) -> tuple[int, ...]:
+        """The token grid of an input of spatial size (H, W) -> (gh, gw), or for video (T, H, W) -> (T/t, gh, gw)."""
+        input_size = tuple(input_size)
+        if self.tubelet_size is None:
+            return self.patch_grid(input_size)
+        if len(input_size) != 3 or input_size[0] % self.tubelet_size:
+            raise ValueError(f"ViT: video size {input_size} must be (T, H, W) with T divisible by tubelet_size="
+                             f"{self.tubelet_size}")
+        return (input_size[0] // self.tubelet_size,) + self.patch_grid(input_size[1:])
+
     def position_embedding(self, grid_hw: Sequence[int]) -> jax.Array:
-        """[1, gh * gw, width] float32 position embedding of the patch tokens for grid (gh, gw)."""
+        """[1, prod(grid), width] float32 position embedding of the patch tokens for grid (gh, gw) or, for video,
+        (gt, gh, gw)."""
+        if len(grid_hw) == 3:
+            return posemb_sincos_3d(*grid_hw, self.width)
         if self.posemb == "learn":
             return self.learned_posemb(grid_hw)
         return posemb_sincos_2d(grid_hw[0], grid_hw[1], self.width)
 
     def embed_patches(self, images: jax.Array) -> jax.Array:
-        """images [B, H, W, C] -> patch tokens [B, gh * gw, width] (compute dtype) with position embeddings."""
-        if images.ndim != 4:
-            raise ValueError(f"ViT: images must be [batch, H, W, C], got shape {images.shape}")
-        grid = self.patch_grid(images.shape[1:3])
+        """images [B, H, W, C] (video: [B, T, H, W, C]) -> patch tokens [B, prod(grid), width] (compute dtype) with
+        position embeddings."""
+        expected = 4 if self.tubelet_size is None else 5
+        if images.ndim != expected:
+            layout = "images must be [batch, H, W, C]" if expected == 4 else "videos must be [batch, T, H, W, C]"
+            raise ValueError(f"ViT: {layout}, got shape {images.shape}")
+        grid = self.token_grid(images.shape[1:-1])
         x = self.patch_embed(images)
         return constrain_tokens(x + self.position_embedding(grid).astype(self.dtype))
 
@@ -257,7 +286,7 @@ class ViT(nn.Module):
             stem = jnp.take_along_axis(stem, ids_keep[..., None].astype(jnp.int32), axis=1)
             block_mask = mask
         else:
-            block_mask = self.block_masks(self.patch_grid(images.shape[1:3]), mask)
+            block_mask = self.block_masks(self.token_grid(images.shape[1:-1]), mask)
         encoded, aux = self.encode(self.add_prefix_tokens(stem), train=train, mask=block_mask)
         logits, pre_logits = self.head(encoded)
         aux.update(stem=stem, encoded=encoded, pre_logits=pre_logits, num_prefix_tokens=self.num_prefix_tokens)
@@ -268,7 +297,7 @@ def token_attention_scores(model: ViT, params: Any, images: jax.Array, *, layer:
     """How much block `layer` attends to each patch, float32 [B, N] (heads averaged): the cls token's attention
     weights over the patches (AttMask's teacher scores) or, without a cls token, the mean attention each patch
     receives from the patch queries. No gradient flows to `params`."""
-    chex.assert_rank(images, 4)
+    chex.assert_rank(images, {4, 5})
     index = layer % model.depth
     _, state = model.apply({"params": jax.lax.stop_gradient(params)}, images, train=False,
                            mutable=[ATTENTION_MAPS])

@@ -26,6 +26,7 @@ def vit_from_config(model_config: ml_collections.ConfigDict) -> ViT:
     attention, token_mask = attention_from_config(model_config.attention)
     return ViT(
         num_classes=model_config.num_classes,
+        tubelet_size=model_config.get("tubelet_size", 0) or None,
         class_token=model_config.class_token,
         num_registers=model_config.num_registers,
         posemb=model_config.posemb,
@@ -55,7 +56,7 @@ class ClassificationTask:
     def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True,
              step: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
         """Mean loss over the batch and per-batch metrics (means). `step` (unused) is the optimizer step."""
-        chex.assert_rank(batch["image"], 4)
+        chex.assert_rank(batch["image"], 4 if self.model.tubelet_size is None else 5)
         chex.assert_rank(batch["label"], 1)
         dropout_rng, drop_path_rng = jax.random.split(rng)
         record = self.model.attention.record_max_logit

@@ -38,7 +38,7 @@ from maskjax.tasks.classification import vit_from_config
 from maskjax.train.checkpoint import load_params
 
 Batch = Mapping[str, jax.Array]
-SCORE_FREE_STRATEGIES = ("random", "block", "grid", "noise", "checkerboard")
+SCORE_FREE_STRATEGIES = ("random", "block", "grid", "noise", "checkerboard", "tube")
 GUIDED_STRATEGIES = ("attention", "hard_patch")  # need per-step scores (attention maps, predicted losses)
 MIM_STRATEGIES = SCORE_FREE_STRATEGIES + GUIDED_STRATEGIES
 ATTENTION_SCORE_SOURCES = ("self", "teacher")
@@ -118,6 +118,10 @@ class MIMTask:
         self.eval_masking = masking_from_config(m, name="random") if guided else self.masking
         self.target = m.target
         self.patch_size = self.model.encoder.patch_size
+        self.tubelet_size = self.model.encoder.tubelet_size
+        if self.tubelet_size is not None and self.target in ("hog", "teacher"):
+            raise ValueError(f"config.mim.target={self.target!r} is defined for images; video MIM uses 'pixels' or "
+                             "'norm_pixels'")
         if m.attention_scores not in ATTENTION_SCORE_SOURCES:
             raise ValueError(f"config.mim.attention_scores={m.attention_scores!r}: must be one of "
                              f"{ATTENTION_SCORE_SOURCES}")
@@ -129,8 +133,15 @@ class MIMTask:
             raise ValueError(f"config.mim.hard_patch_alpha_max={m.hard_patch_alpha_max}: must be in [0, 1]")
         self.teacher = teacher_from_config(config) if needs_teacher else None
 
-    def _grid(self, images: jax.Array) -> tuple[int, int]:
-        return self.model.encoder.patch_grid(images.shape[1:3])
+    def _grid(self, images: jax.Array) -> tuple[int, ...]:
+        """(gh, gw) of images [B, H, W, C]; (gt, gh, gw) of videos [B, T, H, W, C]."""
+        return self.model.encoder.token_grid(images.shape[1:-1])
+
+    def _patchify(self, images: jax.Array) -> jax.Array:
+        return patchify(images.astype(jnp.float32), self.patch_size, self.tubelet_size)
+
+    def _unpatchify(self, patches: jax.Array, images: jax.Array) -> jax.Array:
+        return unpatchify(patches, self.patch_size, self._grid(images), images.shape[-1], self.tubelet_size)
 
     def _targets(self, images: jax.Array) -> jax.Array:
         if self.target == "hog":
@@ -139,7 +150,7 @@ class MIMTask:
             teacher, teacher_params = self.teacher
             _, aux = teacher.apply({"params": teacher_params}, images, train=False)
             return feature_targets(aux["encoded"][:, teacher.num_prefix_tokens:])
-        patches = patchify(images.astype(jnp.float32), self.patch_size)
+        patches = self._patchify(images)
         return normalize_patches(patches)[0] if self.target == "norm_pixels" else patches
 
     def _model(self, images: jax.Array) -> MAE:
@@ -192,7 +203,7 @@ class MIMTask:
              step: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
         """Masked-patch reconstruction loss (+ HPM's ranking loss) and metrics; `step` drives HPM's schedule."""
         images = batch["image"]
-        chex.assert_rank(images, 4)
+        chex.assert_rank(images, 4 if self.tubelet_size is None else 5)
         mask_rng, dropout_rng, drop_path_rng = jax.random.split(rng, 3)
         masks = self.train_masking(params, images, mask_rng, step)
         pred, aux = self._model(images).apply({"params": params}, images, masks, train=train,
@@ -208,19 +219,19 @@ class MIMTask:
         return loss, metrics
 
     def reconstruct(self, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(reconstruction [B, H, W, C] in image units, with visible patches copied from the input; mask [B, N]).
+        """(reconstruction [B, (T,) H, W, C] in image units, visible patches copied from the input; mask [B, N]).
         With the 'hog' and 'teacher' targets nothing is reconstructed: masked patches are 0 (grey)."""
         masks = self._eval_masking(images)
-        patches = patchify(images.astype(jnp.float32), self.patch_size)
+        patches = self._patchify(images)
         if self.target in ("hog", "teacher"):
             merged = jnp.where(masks.mask[..., None], 0.0, patches)
-            return unpatchify(merged, self.patch_size, self._grid(images), images.shape[-1]), masks.mask
+            return self._unpatchify(merged, images), masks.mask
         pred, _ = self._model(images).apply({"params": params}, images, masks, train=False)
         if self.target == "norm_pixels":  # undo the per-patch normalisation with the true patch statistics
             _, mean, std = normalize_patches(patches)
             pred = pred * std + mean
         merged = jnp.where(masks.mask[..., None], pred, patches)
-        return unpatchify(merged, self.patch_size, self._grid(images), images.shape[-1]), masks.mask
+        return self._unpatchify(merged, images), masks.mask
 
     def eval_sums(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
         """Sums over valid examples: reconstruction loss and PSNR (masked patches, data range 2)."""
@@ -235,8 +246,7 @@ class MIMTask:
         if self.target in ("hog", "teacher"):
             return {"count": jnp.sum(valid), "loss": jnp.sum(loss * valid)}
         recon, _ = self.reconstruct(params, images)
-        pixel_err = jnp.square(patchify(recon, self.patch_size) - patchify(images.astype(jnp.float32),
-                                                                           self.patch_size))
+        pixel_err = jnp.square(self._patchify(recon) - self._patchify(images))
         mse = jnp.sum(jnp.mean(pixel_err, axis=-1) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
         psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
         return {"count": jnp.sum(valid), "loss": jnp.sum(loss * valid), "psnr": jnp.sum(psnr * valid)}
@@ -262,14 +272,18 @@ class MIMTask:
 
     def visualize(self, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
                   class_names: Any = None) -> np.ndarray:
-        """uint8 grid: one row per image: original | masked input (grey patches) | reconstruction."""
+        """uint8 grid: one row per image: original | masked input (grey patches) | reconstruction. Videos: one row
+        per frame, a blank row between clips."""
         images = np.asarray(images, np.float32)
         masks = np.asarray(self._eval_masking(jnp.asarray(images)).mask)
-        patches = np.asarray(patchify(jnp.asarray(images), self.patch_size))
+        patches = np.asarray(self._patchify(jnp.asarray(images)))
         grey = np.where(masks[..., None], 0.0, patches)
-        masked = np.asarray(unpatchify(jnp.asarray(grey), self.patch_size, self._grid(images), images.shape[-1]))
-        rows = [np.concatenate([im, mk, np.asarray(pr, np.float32)], axis=1)
-                for im, mk, pr in zip(images, masked, predictions)]
+        masked = np.asarray(self._unpatchify(jnp.asarray(grey), images))
+        rows = []
+        for im, mk, pr in zip(images, masked, np.asarray(predictions, np.float32)):
+            if im.ndim == 4:  # a clip [T, H, W, C]: its frames stacked, then a separator
+                im, mk, pr = (np.concatenate(list(x) + [np.full_like(x[0][:2], -1.0)], axis=0) for x in (im, mk, pr))
+            rows.append(np.concatenate([im, mk, pr], axis=1))
         grid = np.concatenate(rows, axis=0)
         grid = np.clip((grid + 1.0) * 127.5, 0, 255).astype(np.uint8)
         if grid.shape[-1] == 1:

@@ -38,10 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 64  # Global batch size (all hosts, all devices).
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "builtin_shapes"  # 'builtin_shapes', 'fashion_mnist' or 'tfds:<builder>'.
+    c.data.name = "builtin_shapes"  # 'builtin_shapes', 'builtin_clips' (video), 'fashion_mnist' or 'tfds:<builder>'.
     c.data.seed = 0  # Seed of the generated built-in data set (fixed while config.seed varies runs).
     c.data.data_dir = ""  # Data directory for TFDS / IDX files ('' = the library default).
     c.data.image_size = 32  # Side of the (square) training images.
+    c.data.num_frames = 0  # Frames per clip for video data ('builtin_clips'); 0 = images.
     c.data.train_split = "train"  # Split used for training.
     c.data.eval_split = "validation"  # Split used for periodic evaluation.
     c.data.train_examples = -1  # Train on the first N examples of the split only (-1 = all; for tests and few-shot).
@@ -52,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "vit"  # Model family.
     c.model.variant = "Ti/4"  # '<size>/<patch>': size in mu, Ti, S, M, B, L, H.
+    c.model.tubelet_size = 0  # Video: frames per tubelet token (VideoMAE: 2); 0 = image model.
     c.model.depth = -1  # Override the variant's depth (-1 = keep).
     c.model.width = -1  # Override the variant's width (-1 = keep).
     c.model.num_heads = -1  # Override the variant's number of heads (-1 = keep).
@@ -253,6 +255,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if token_mask.kind != "none" and (options.backend == "approx" or options.approx_layers is not None):
         _fail("model.attention.mask", token_mask.kind, "cannot be combined with approx attention layers")
 
+    video = config.data.num_frames > 0
+    if config.data.num_frames < 0:
+        _fail("data.num_frames", config.data.num_frames, "must be >= 0 (0 = images)")
+    if video != (config.data.name == "builtin_clips"):
+        _fail("data.num_frames", config.data.num_frames, f"must be > 0 exactly for video data (data.name="
+              f"{config.data.name!r}; 'builtin_clips' is the video source)")
+    if video != (config.model.tubelet_size > 0) or config.model.tubelet_size < 0:
+        _fail("model.tubelet_size", config.model.tubelet_size, "must be >= 1 for video (data.num_frames > 0) and 0 "
+              "for images")
+    if video and config.data.num_frames % config.model.tubelet_size:
+        _fail("data.num_frames", config.data.num_frames, f"must be a multiple of model.tubelet_size="
+              f"{config.model.tubelet_size}")
+    if video and config.model.posemb != "sincos2d":
+        _fail("model.posemb", config.model.posemb, "video models use 'sincos2d' (fixed space-time sin-cos)")
+
     if config.task == "mim":
         from maskjax.models.mae import MIM_MODES, TARGETS
         from maskjax.tasks.mim import masking_from_config
@@ -276,6 +293,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                   f"{m.masking!r} with mim.attention_scores={m.attention_scores!r}")
         mask_fn = masking_from_config(m)
         grid = (config.data.image_size // patch,) * 2
+        if video:
+            grid = (config.data.num_frames // config.model.tubelet_size,) + grid
+            if m.target in ("hog", "teacher"):
+                _fail("mim.target", m.target, "is defined for images; video MIM uses 'pixels' or 'norm_pixels'")
         per_call = {}
         if m.masking in ("attention", "hard_patch"):
             per_call["scores"] = jax.ShapeDtypeStruct((2, grid[0] * grid[1]), jnp.float32)
@@ -283,6 +304,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             per_call["alpha"] = jax.ShapeDtypeStruct((), jnp.float32)
         try:  # static options are checked while tracing: no compute
             jax.eval_shape(lambda key, kw: mask_fn(key, 2, grid, **kw), jax.random.key(0), per_call)
+        except TypeError as err:  # a strategy of another grid rank (block masking on a video grid)
+            _fail("mim.masking", m.masking, f"does not apply to a {grid} token grid: {err}")
         except ValueError as err:
             _fail("mim.masking_options", m.masking_options.to_dict(), f"strategy {m.masking!r} on a {grid} grid: {err}")
 

@@ -103,15 +103,18 @@ class Trainer:
         self.is_main = jax.process_index() == 0
 
         data = config.data
+        video = {"num_frames": data.num_frames} if data.num_frames > 0 else {}
         self.train_source = pipeline.make_source(
-            data.name, data.train_split, seed=data.seed, image_size=data.image_size, data_dir=data.data_dir or None)
+            data.name, data.train_split, seed=data.seed, image_size=data.image_size, data_dir=data.data_dir or None,
+            **video)
         if data.train_examples > 0:
             if data.train_examples > len(self.train_source):
                 raise ValueError(f"config.data.train_examples={data.train_examples} exceeds the "
                                  f"{len(self.train_source)} examples of split {data.train_split!r}")
             self.train_source = _Prefix(self.train_source, data.train_examples)
         self.eval_source = pipeline.make_source(
-            data.name, data.eval_split, seed=data.seed, image_size=data.image_size, data_dir=data.data_dir or None)
+            data.name, data.eval_split, seed=data.seed, image_size=data.image_size, data_dir=data.data_dir or None,
+            **video)
         self.train_loader = pipeline.TrainLoader(
             self.train_source, global_batch_size=config.batch_size, seed=config.seed,
             image_size=data.image_size, augment=data.augment,
