@@ -84,6 +84,10 @@ def main(argv=None):
                 write(results, command, args.steps)
 
 
+def _minutes(seconds):
+    return "—" if seconds is None or not np.isfinite(seconds) else f"{seconds / 60:.1f} min"
+
+
 def _pct(x):
     return "—" if x is None else f"{100 * x:.1f}%"
 
@@ -131,7 +135,7 @@ def write(results, command, steps):
                 loss = "—" if r["eval_loss"] is None else f"{r['eval_loss']:.3f}"
                 lines.append(f"| {name} | {_pct(r['linear_accuracy'])} | {_pct(r['knn_accuracy'])} | "
                              f"{_pct(r['random_init_linear_accuracy'])} | {_pct(r['random_init_knn_accuracy'])} | "
-                             f"{loss} | {psnr} | {r['wall_seconds'] / 60:.1f} min |")
+                             f"{loss} | {psnr} | {_minutes(r['wall_seconds'])} |")
             lines.append("")
     with open(os.path.join(RESULTS, "mim.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -39,17 +39,19 @@ def init_params(task, x):
     return nn.meta.unbox(task.init(jax.random.key(0), {"image": x}))["params"]
 
 
-def numpy_cls_attention(model, params, x):
-    """The last block's head-mean softmax(q k^T / sqrt(d)) row of the cls token, from the captured projections."""
+def numpy_attention(model, params, x):
+    """The last block's head-mean softmax(q k^T / sqrt(d)) [B, T, T], from the captured query/key projections."""
     last = f"block_{model.depth - 1}"
     _, state = model.apply({"params": params}, x, train=False, capture_intermediates=True)
     attn = state["intermediates"]["encoder"][last]["attn"]
-    q = np.asarray(attn["query"]["__call__"][0], np.float64)  # [B, T, H, D]
-    k = np.asarray(attn["key"]["__call__"][0], np.float64)
+    q, k = (np.asarray(attn[name]["__call__"][0], np.float64) for name in ("query", "key"))  # [B, T, H, D]
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
     weights = np.exp(logits - logits.max(-1, keepdims=True))
-    weights /= weights.sum(-1, keepdims=True)
-    return weights.mean(1)[:, 0, model.num_prefix_tokens:]
+    return (weights / weights.sum(-1, keepdims=True)).mean(1)
+
+
+def numpy_cls_attention(model, params, x):
+    return numpy_attention(model, params, x)[:, 0, model.num_prefix_tokens:]
 
 
 @pytest.mark.parametrize("class_token", [True, False])
@@ -59,14 +61,7 @@ def test_token_attention_scores_match_a_numpy_softmax(class_token):
     x = images()
     params = nn.meta.unbox(model.init(jax.random.key(1), x))["params"]
     got = np.asarray(token_attention_scores(model, params, x))
-    last = f"block_{model.depth - 1}"
-    _, state = model.apply({"params": params}, x, train=False, capture_intermediates=True)
-    attn = state["intermediates"]["encoder"][last]["attn"]
-    q, k = (np.asarray(attn[n]["__call__"][0], np.float64) for n in ("query", "key"))
-    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-    weights = np.exp(logits - logits.max(-1, keepdims=True))
-    weights = (weights / weights.sum(-1, keepdims=True)).mean(1)
-    p = model.num_prefix_tokens
+    weights, p = numpy_attention(model, params, x), model.num_prefix_tokens
     want = weights[:, 0, p:] if class_token else weights[:, p:, p:].mean(1)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     assert got.shape == (4, 64)
