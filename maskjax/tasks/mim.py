@@ -74,6 +74,28 @@ def masking_from_config(mim_config: ml_collections.ConfigDict, *, name: Optional
     return lambda key, batch, grid_hw, **per_call: fn(key, batch, tuple(grid_hw), ratio, **per_call)
 
 
+def needs_teacher(mim_config: ml_collections.ConfigDict) -> bool:
+    """Whether `config.mim` asks for the frozen teacher (feature targets, or AttMask on its attention)."""
+    m = mim_config
+    return m.target == "teacher" or (m.masking == "attention" and m.attention_scores == "teacher")
+
+
+def check_target_and_scores(mim_config: ml_collections.ConfigDict, *, video: bool = False) -> None:
+    """ValueErrors naming the bad `config.mim` key of the target / guided-masking settings (no I/O)."""
+    m = mim_config
+    if video and m.target in ("hog", "teacher"):
+        raise ValueError(f"config.mim.target={m.target!r}: is defined for images; video MIM uses 'pixels' or "
+                         "'norm_pixels'")
+    if m.attention_scores not in ATTENTION_SCORE_SOURCES:
+        raise ValueError(f"config.mim.attention_scores={m.attention_scores!r}: must be one of "
+                         f"{ATTENTION_SCORE_SOURCES}")
+    if not 0.0 <= m.hard_patch_alpha_max <= 1.0:
+        raise ValueError(f"config.mim.hard_patch_alpha_max={m.hard_patch_alpha_max!r}: must be in [0, 1]")
+    if needs_teacher(m) and not m.teacher.workdir:
+        raise ValueError(f"config.mim.teacher.workdir={m.teacher.workdir!r}: is needed by mim.target={m.target!r} / "
+                         f"mim.masking={m.masking!r} with mim.attention_scores={m.attention_scores!r}")
+
+
 def teacher_from_config(config: ml_collections.ConfigDict) -> Optional[tuple[ViT, Any]]:
     """(ViT, parameters) of the frozen teacher `config.mim.teacher` (a maskjax run's workdir: its config.json
     gives the architecture, its checkpoint the weights), or None when no teacher is set."""
@@ -119,19 +141,8 @@ class MIMTask:
         self.target = m.target
         self.patch_size = self.model.encoder.patch_size
         self.tubelet_size = self.model.encoder.tubelet_size
-        if self.tubelet_size is not None and self.target in ("hog", "teacher"):
-            raise ValueError(f"config.mim.target={self.target!r} is defined for images; video MIM uses 'pixels' or "
-                             "'norm_pixels'")
-        if m.attention_scores not in ATTENTION_SCORE_SOURCES:
-            raise ValueError(f"config.mim.attention_scores={m.attention_scores!r}: must be one of "
-                             f"{ATTENTION_SCORE_SOURCES}")
-        needs_teacher = self.target == "teacher" or (self.strategy == "attention" and m.attention_scores == "teacher")
-        if needs_teacher and not m.teacher.workdir:
-            raise ValueError(f"config.mim.teacher.workdir is empty but mim.target={self.target!r} / mim.masking="
-                             f"{self.strategy!r} with mim.attention_scores={m.attention_scores!r} needs a teacher")
-        if not 0.0 <= m.hard_patch_alpha_max <= 1.0:
-            raise ValueError(f"config.mim.hard_patch_alpha_max={m.hard_patch_alpha_max}: must be in [0, 1]")
-        self.teacher = teacher_from_config(config) if needs_teacher else None
+        check_target_and_scores(m, video=self.tubelet_size is not None)
+        self.teacher = teacher_from_config(config) if needs_teacher(m) else None
 
     def _grid(self, images: jax.Array) -> tuple[int, ...]:
         """(gh, gw) of images [B, H, W, C]; (gt, gh, gw) of videos [B, T, H, W, C]."""

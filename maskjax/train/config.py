@@ -272,7 +272,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
 
     if config.task == "mim":
         from maskjax.models.mae import MIM_MODES, TARGETS
-        from maskjax.tasks.mim import masking_from_config
+        from maskjax.tasks.mim import check_target_and_scores, masking_from_config
         m = config.mim
         if m.mode not in MIM_MODES:
             _fail("mim.mode", m.mode, f"must be one of {MIM_MODES}")
@@ -283,20 +283,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         if m.decoder_depth and (m.decoder_width < 1 or m.decoder_heads < 1 or m.decoder_width % m.decoder_heads):
             _fail("mim.decoder_width", m.decoder_width, f"must be >= 1 and divisible by mim.decoder_heads="
                   f"{m.decoder_heads}")
-        if m.attention_scores not in ("self", "teacher"):
-            _fail("mim.attention_scores", m.attention_scores, "must be 'self' or 'teacher'")
-        if not 0.0 <= m.hard_patch_alpha_max <= 1.0:
-            _fail("mim.hard_patch_alpha_max", m.hard_patch_alpha_max, "must be in [0, 1]")
-        needs_teacher = m.target == "teacher" or (m.masking == "attention" and m.attention_scores == "teacher")
-        if needs_teacher and not m.teacher.workdir:
-            _fail("mim.teacher.workdir", m.teacher.workdir, f"is needed by mim.target={m.target!r} / mim.masking="
-                  f"{m.masking!r} with mim.attention_scores={m.attention_scores!r}")
+        check_target_and_scores(m, video=video)
         mask_fn = masking_from_config(m)
         grid = (config.data.image_size // patch,) * 2
         if video:
             grid = (config.data.num_frames // config.model.tubelet_size,) + grid
-            if m.target in ("hog", "teacher"):
-                _fail("mim.target", m.target, "is defined for images; video MIM uses 'pixels' or 'norm_pixels'")
         per_call = {}
         if m.masking in ("attention", "hard_patch"):
             per_call["scores"] = jax.ShapeDtypeStruct((2, grid[0] * grid[1]), jnp.float32)
