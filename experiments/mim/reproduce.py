@@ -48,6 +48,9 @@ def main(argv=None):
     p.add_argument("--studies", nargs="+", default=["baseline", "strategy", "ratio"], choices=list(STUDIES))
     p.add_argument("--datasets", nargs="+", default=list(MAE_CONFIGS), choices=list(MAE_CONFIGS))
     p.add_argument("--steps", type=int, default=2000)  # 600 MAE steps are too few to move the probes (README)
+    p.add_argument("--runs", nargs="+", default=None,
+                   help="only the runs whose name contains one of these (case-insensitive), in this order, e.g. "
+                        "--runs attention hard")
     p.add_argument("--collect-only", action="store_true",
                    help="tabulate the finished runs, start none (e.g. while another invocation is still running)")
     p.add_argument("--workdir-root", default=os.path.join(sweep.REPO, "workdirs", "mim"))
@@ -56,7 +59,7 @@ def main(argv=None):
     results = {}
     for dataset in args.datasets:
         for study in args.studies:
-            for name, overrides in STUDIES[study].items():
+            for name, overrides in selected(STUDIES[study], args.runs):
                 if overrides is None:  # supervised: the same encoder size as the MAE config, probed at the end
                     config = SUPERVISED_CONFIGS[dataset]
                     overrides = {"probe.enabled": True, "probe.train_examples": 10000, "model.posemb": "sincos2d"}
@@ -82,6 +85,14 @@ def main(argv=None):
                 results.setdefault(dataset, {}).setdefault(study, {})[name] = row
                 print(dataset, study, name, row, flush=True)
                 write(results, command, args.steps)
+
+
+def selected(runs: dict, patterns) -> list:
+    """The (name, overrides) of `runs`, all of them or those matching `patterns` in the patterns' order."""
+    if not patterns:
+        return list(runs.items())
+    names = [n for p in patterns for n in runs if p.lower() in n.lower()]
+    return [(n, runs[n]) for n in dict.fromkeys(names)]
 
 
 def _minutes(seconds):
