@@ -56,7 +56,7 @@ def main(argv=None):
     p.add_argument("--workdir-root", default=os.path.join(sweep.REPO, "workdirs", "mim"))
     args = p.parse_args(argv)
     command = ("python experiments/mim/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    results = {}
+    results, pending = {}, []
     for dataset in args.datasets:
         for study in args.studies:
             for name, overrides in selected(STUDIES[study], args.runs):
@@ -75,6 +75,7 @@ def main(argv=None):
                     f"{k}={v}" for k, v in sorted(overrides.items()) if k.startswith("mim."))
                 workdir = os.path.join(args.workdir_root, f"{dataset}_{args.steps}", slug(run_name))
                 if args.collect_only and not sweep.finished(sweep.read_metrics(workdir), args.steps):
+                    pending.append(f"{dataset} / {study} / {name}")
                     continue
                 records, seconds = sweep.run(config, workdir, overrides, args.steps)
                 final = sweep.final(records, args.steps)
@@ -85,6 +86,8 @@ def main(argv=None):
                 results.setdefault(dataset, {}).setdefault(study, {})[name] = row
                 print(dataset, study, name, row, flush=True)
                 write(results, command, args.steps)
+    if args.collect_only:
+        write(results, command, args.steps, pending)
 
 
 def selected(runs: dict, patterns) -> list:
@@ -119,7 +122,7 @@ def merged_with_saved(results: dict, steps: int) -> dict:
     return saved
 
 
-def write(results, command, steps):
+def write(results, command, steps, pending=()):
     os.makedirs(RESULTS, exist_ok=True)
     results = merged_with_saved(results, steps)
     meta = dict(command=command, steps=steps, machine=f"{platform.machine()}, {os.cpu_count()} cores",
@@ -140,14 +143,23 @@ def write(results, command, steps):
     for dataset, studies in results.items():
         for study, rows in studies.items():
             lines += [f"## {dataset}: {study}", "", "| run | linear probe | k-NN | linear at init | k-NN at init | "
-                      "eval loss | PSNR (masked) | wall-clock |", "|---|---|---|---|---|---|---|---|"]
+                      "eval (MAE: masked-patch loss, PSNR; supervised: top-1) | wall-clock |",
+                      "|---|---|---|---|---|---|---|"]
             for name, r in rows.items():
-                psnr = "—" if r["eval_psnr"] is None else f"{r['eval_psnr']:.2f} dB"
-                loss = "—" if r["eval_loss"] is None else f"{r['eval_loss']:.3f}"
+                if r.get("eval_accuracy") is not None:
+                    evaluation = f"top-1 {_pct(r['eval_accuracy'])}"
+                elif r["eval_loss"] is not None:
+                    psnr = "" if r["eval_psnr"] is None else f", {r['eval_psnr']:.2f} dB"
+                    evaluation = f"{r['eval_loss']:.3f}{psnr}"
+                else:
+                    evaluation = "—"
                 lines.append(f"| {name} | {_pct(r['linear_accuracy'])} | {_pct(r['knn_accuracy'])} | "
                              f"{_pct(r['random_init_linear_accuracy'])} | {_pct(r['random_init_knn_accuracy'])} | "
-                             f"{loss} | {psnr} | {_minutes(r['wall_seconds'])} |")
+                             f"{evaluation} | {_minutes(r['wall_seconds'])} |")
             lines.append("")
+    if pending:
+        lines += ["## Not measured yet", "", "Runs of `python experiments/mim/reproduce.py` not finished when this "
+                  "file was written (the same command resumes them):", ""] + [f"- {p}" for p in pending] + [""]
     with open(os.path.join(RESULTS, "mim.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(results, os.path.join(RESULTS, "mim.png"))
