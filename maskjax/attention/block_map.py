@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 from typing import Any
 
 import jax

@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import chex
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskjax.attention import block_map as bmap
-from maskjax.attention.masks import Full, Mask, as_mask
+from maskjax.attention.masks import Full, as_mask
 from maskjax.attention.score_mods import ScoreMod, as_score_mod
 
 # Per (batch, head) and chunk: the score tile stack has at most this many elements. Small chunks (8-16

@@ -1,6 +1,6 @@
 """Supervised image classification with a ViT: loss, evaluation sums and a prediction gallery."""
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import chex
 import jax
@@ -45,7 +45,8 @@ def vit_from_config(model_config: ml_collections.ConfigDict) -> ViT:
 class ClassificationTask:
     """Softmax cross-entropy on integer labels; top-1 accuracy."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, *, load_params: Optional[Callable] = None):
+        del load_params  # reads no other run (`init_from` is the trainer's business)
         self.config = config
         self.model = vit_from_config(config.model)
 

@@ -22,7 +22,7 @@ compare across runs.
 import json
 import os
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import chex
 import jax
@@ -31,11 +31,10 @@ import ml_collections
 import numpy as np
 
 from maskjax import masking as masking_lib
-from maskjax.models.mae import (MAE, feature_targets, hog_features, masked_mse, normalize_patches, patchify,
+from maskjax.models.mae import (MAE, MIM_MODES, TARGETS, feature_targets, hog_features, masked_mse, normalize_patches, patchify,
                                 ranking_loss, unpatchify)
 from maskjax.models.vit import ViT, token_attention_scores
 from maskjax.tasks.classification import vit_from_config
-from maskjax.train.checkpoint import load_params
 
 Batch = Mapping[str, jax.Array]
 SCORE_FREE_STRATEGIES = ("random", "block", "grid", "noise", "checkerboard", "tube")
@@ -96,12 +95,51 @@ def check_target_and_scores(mim_config: ml_collections.ConfigDict, *, video: boo
                          f"mim.masking={m.masking!r} with mim.attention_scores={m.attention_scores!r}")
 
 
-def teacher_from_config(config: ml_collections.ConfigDict) -> Optional[tuple[ViT, Any]]:
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """ValueErrors naming the bad `config.mim` key and value, before any compute (tracing only, no I/O); the model
+    keys are checked first by `maskjax.train.config.validate`."""
+    m = config.mim
+
+    def fail(key, value, why):
+        raise ValueError(f"config.mim.{key}={value!r}: {why}")
+
+    if m.mode not in MIM_MODES:
+        fail("mode", m.mode, f"must be one of {MIM_MODES}")
+    if m.target not in TARGETS:
+        fail("target", m.target, f"must be one of {TARGETS}")
+    if m.decoder_depth < 0:
+        fail("decoder_depth", m.decoder_depth, "must be >= 0")
+    if m.decoder_depth and (m.decoder_width < 1 or m.decoder_heads < 1 or m.decoder_width % m.decoder_heads):
+        fail("decoder_width", m.decoder_width, f"must be >= 1 and divisible by mim.decoder_heads={m.decoder_heads}")
+    video = config.data.num_frames > 0
+    check_target_and_scores(m, video=video)
+    mask_fn = masking_from_config(m)
+    input_size = (config.data.image_size,) * 2
+    grid = vit_from_config(config.model).token_grid((config.data.num_frames,) + input_size if video else input_size)
+    per_call = {}
+    if m.masking in GUIDED_STRATEGIES:
+        per_call["scores"] = jax.ShapeDtypeStruct((2, int(np.prod(grid))), jnp.float32)
+    if m.masking == "hard_patch":
+        per_call["alpha"] = jax.ShapeDtypeStruct((), jnp.float32)
+    try:  # static options are checked while tracing: no compute
+        jax.eval_shape(lambda key, kw: mask_fn(key, 2, grid, **kw), jax.random.key(0), per_call)
+    except TypeError as err:  # a strategy of another grid rank (block masking on a video grid)
+        fail("masking", m.masking, f"does not apply to a {grid} token grid: {err}")
+    except ValueError as err:
+        fail("masking_options", m.masking_options.to_dict(), f"strategy {m.masking!r} on a {grid} grid: {err}")
+
+
+def teacher_from_config(config: ml_collections.ConfigDict,
+                        load_params: Optional[Callable]) -> Optional[tuple[ViT, Any]]:
     """(ViT, parameters) of the frozen teacher `config.mim.teacher` (a maskjax run's workdir: its config.json
-    gives the architecture, its checkpoint the weights), or None when no teacher is set."""
+    gives the architecture, `load_params(workdir, step, params_key, config_key=...)` its weights, e.g.
+    `maskjax.train.checkpoint.load_params`), or None when no teacher is set."""
     t = config.mim.teacher
     if not t.workdir:
         return None
+    if load_params is None:
+        raise ValueError(f"config.mim.teacher.workdir={t.workdir!r}: MIMTask needs `load_params` to read the "
+                         "teacher's weights (the trainer passes maskjax.train.checkpoint.load_params)")
     path = os.path.join(t.workdir, "config.json")
     if not os.path.exists(path):
         raise ValueError(f"config.mim.teacher.workdir={t.workdir!r}: no config.json there (not a maskjax run)")
@@ -130,7 +168,9 @@ class MIMTask:
 
     gallery_name = "reconstructions"  # images/reconstructions_step<N>.png: original | masked | reconstruction
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, *, load_params: Optional[Callable] = None):
+        """`load_params(workdir, step, params_key, config_key=...) -> (params, step)` reads the frozen
+        `mim.teacher`'s weights (needed only when the config uses one)."""
         self.config = config
         m = config.mim
         self.strategy = m.masking
@@ -142,7 +182,7 @@ class MIMTask:
         self.patch_size = self.model.encoder.patch_size
         self.tubelet_size = self.model.encoder.tubelet_size
         check_target_and_scores(m, video=self.tubelet_size is not None)
-        self.teacher = teacher_from_config(config) if needs_teacher(m) else None
+        self.teacher = teacher_from_config(config, load_params) if needs_teacher(m) else None
 
     def _grid(self, images: jax.Array) -> tuple[int, ...]:
         """(gh, gw) of images [B, H, W, C]; (gt, gh, gw) of videos [B, T, H, W, C]."""

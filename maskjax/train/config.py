@@ -7,8 +7,6 @@ default and a one-line comment, so a mistyped `--config.<key>=...` override is a
 import difflib
 from typing import Any, Iterable, Optional
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 # Logical axis -> mesh axes. A mesh axis of size 1 costs nothing, so the same rules serve data parallelism
@@ -206,7 +204,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     """Checks a config against itself and the device count before any compute; errors name key and value."""
     check_known_keys(config)
     from maskjax.models.vit import decode_variant  # Local import: configs must stay importable without models.
-    from maskjax.tasks import TASKS
+    from maskjax.tasks import TASKS, attention_from_config, validate_task_config
 
     if config.task not in TASKS:
         _fail("task", config.task, f"must be one of {sorted(TASKS)}")
@@ -243,7 +241,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         _fail("model.num_classes", config.model.num_classes, "must be >= 1")
     if not 0.0 <= config.model.drop_path_rate < 1.0:
         _fail("model.drop_path_rate", config.model.drop_path_rate, "must be in [0, 1)")
-    from maskjax.tasks.common import attention_from_config
     options, token_mask = attention_from_config(config.model.attention)
     depth = variant["depth"]
     if options.approx_layers is not None and not all(0 <= i < depth for i in options.approx_layers):
@@ -270,35 +267,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if video and config.model.posemb != "sincos2d":
         _fail("model.posemb", config.model.posemb, "video models use 'sincos2d' (fixed space-time sin-cos)")
 
-    if config.task == "mim":
-        from maskjax.models.mae import MIM_MODES, TARGETS
-        from maskjax.tasks.mim import check_target_and_scores, masking_from_config
-        m = config.mim
-        if m.mode not in MIM_MODES:
-            _fail("mim.mode", m.mode, f"must be one of {MIM_MODES}")
-        if m.target not in TARGETS:
-            _fail("mim.target", m.target, f"must be one of {TARGETS}")
-        if m.decoder_depth < 0:
-            _fail("mim.decoder_depth", m.decoder_depth, "must be >= 0")
-        if m.decoder_depth and (m.decoder_width < 1 or m.decoder_heads < 1 or m.decoder_width % m.decoder_heads):
-            _fail("mim.decoder_width", m.decoder_width, f"must be >= 1 and divisible by mim.decoder_heads="
-                  f"{m.decoder_heads}")
-        check_target_and_scores(m, video=video)
-        mask_fn = masking_from_config(m)
-        grid = (config.data.image_size // patch,) * 2
-        if video:
-            grid = (config.data.num_frames // config.model.tubelet_size,) + grid
-        per_call = {}
-        if m.masking in ("attention", "hard_patch"):
-            per_call["scores"] = jax.ShapeDtypeStruct((2, grid[0] * grid[1]), jnp.float32)
-        if m.masking == "hard_patch":
-            per_call["alpha"] = jax.ShapeDtypeStruct((), jnp.float32)
-        try:  # static options are checked while tracing: no compute
-            jax.eval_shape(lambda key, kw: mask_fn(key, 2, grid, **kw), jax.random.key(0), per_call)
-        except TypeError as err:  # a strategy of another grid rank (block masking on a video grid)
-            _fail("mim.masking", m.masking, f"does not apply to a {grid} token grid: {err}")
-        except ValueError as err:
-            _fail("mim.masking_options", m.masking_options.to_dict(), f"strategy {m.masking!r} on a {grid} grid: {err}")
+    validate_task_config(config)  # the task's own keys (e.g. config.mim), after the model's
 
     if not 0.0 <= config.loss.masksub_ratio < 1.0:
         _fail("loss.masksub_ratio", config.loss.masksub_ratio, "must be in [0, 1) (0 = off)")

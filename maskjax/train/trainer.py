@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import logging
 import os
 import signal
 import time
@@ -16,7 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from maskjax.data import pipeline
 from maskjax.tasks import make_task
@@ -97,7 +96,7 @@ class Trainer:
         validate(config, len(devices), jax.process_count())
         self.config = config
         self.workdir = os.path.abspath(workdir)
-        self.task = make_task(config)
+        self.task = make_task(config, load_params=ckpt_lib.load_params)
         self.mesh = sharding_lib.make_mesh(config.mesh, devices)
         self.rules = tuple(tuple(rule) for rule in config.sharding_rules)
         self.is_main = jax.process_index() == 0

@@ -6,7 +6,6 @@ shape and block sizes rotate across the cases so that each pair of those factors
 """
 
 import itertools
-import math
 
 import jax
 import jax.numpy as jnp

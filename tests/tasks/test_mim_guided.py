@@ -23,6 +23,8 @@ from maskjax.train import config as config_lib
 from maskjax.train.trainer import Trainer
 from tests.configs import override
 
+load_params = ckpt_lib.load_params
+
 
 def tiny_config(**overrides):
     c = mae_builtin.get_config("runlocal")
@@ -158,7 +160,7 @@ def teacher_run(tmp_path_factory):
 
 def test_teacher_targets_are_the_normalised_features_of_the_checkpoint(teacher_run):
     workdir, teacher_config = teacher_run
-    task = MIMTask(tiny_config(mim__target="teacher", mim__teacher__workdir=workdir))
+    task = MIMTask(tiny_config(mim__target="teacher", mim__teacher__workdir=workdir), load_params=load_params)
     x = images()
     params = init_params(task, x)
     rng = jax.random.key(2)
@@ -180,7 +182,7 @@ def test_teacher_targets_are_the_normalised_features_of_the_checkpoint(teacher_r
 def test_attmask_can_take_the_teachers_attention(teacher_run):
     workdir, teacher_config = teacher_run
     task = MIMTask(tiny_config(mim__masking="attention", mim__attention_scores="teacher",
-                               mim__teacher__workdir=workdir, mim__mask_ratio=0.25))
+                               mim__teacher__workdir=workdir, mim__mask_ratio=0.25), load_params=load_params)
     x = images()
     source = ckpt_lib.Checkpointer(workdir, async_save=False)
     teacher_params = source.restore_params(2)
@@ -207,6 +209,9 @@ def test_bad_guided_settings_are_named_before_compute(overrides, message):
 def test_teacher_with_another_patch_grid_is_refused(tmp_path, teacher_run):
     workdir, _ = teacher_run
     with pytest.raises(ValueError, match=re.escape("patch grid (8, 8) differs from the student's (4, 4)")):
-        MIMTask(tiny_config(mim__target="teacher", mim__teacher__workdir=workdir, model__variant="mu/8"))
+        MIMTask(tiny_config(mim__target="teacher", mim__teacher__workdir=workdir, model__variant="mu/8"),
+                load_params=load_params)
     with pytest.raises(ValueError, match="no config.json"):
-        MIMTask(tiny_config(mim__target="teacher", mim__teacher__workdir=str(tmp_path)))
+        MIMTask(tiny_config(mim__target="teacher", mim__teacher__workdir=str(tmp_path)), load_params=load_params)
+    with pytest.raises(ValueError, match="needs `load_params`"):
+        MIMTask(tiny_config(mim__target="teacher", mim__teacher__workdir=workdir))
