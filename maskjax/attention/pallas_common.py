@@ -36,6 +36,20 @@ import jax.numpy as jnp
 import numpy as np
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+TN_DIMS = (((0,), (0,)), ((), ()))  # lax.dot_general dimension numbers of a.T @ b
+NN_DIMS = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def select_index(index, size):
+    """Index into a dimension that is either shared (size 1) or full."""
+    return index if size > 1 else 0
+
+
+def divide_index(a, n):
+    # lax.div (truncating) on non-negative ids: jnp's floor division lowers through `sign`, which needs a TPU.
+    return a if n == 1 else jax.lax.div(a, jnp.int32(n))
+
+
 # Finite stand-ins for -inf/+inf: exp(MASK_VALUE - m) underflows to 0 without inf - inf = NaN.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # Log-sum-exp stored for rows with no allowed key, so exp(s - lse) == 0 in the backward pass.

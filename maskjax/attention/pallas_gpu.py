@@ -29,18 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from maskjax.attention import pallas_common as pc
-from maskjax.attention.pallas_common import FULL
-
-_TN = (((0,), (0,)), ((), ()))   # a.T @ b
-_NN = (((1,), (0,)), ((), ()))   # a @ b
-
-
-def _sel(index, size):
-    return index if size > 1 else 0
-
-
-def _div(a, n):
-    return a if n == 1 else lax.div(a, jnp.int32(n))
+from maskjax.attention.pallas_common import FULL, NN_DIMS, TN_DIMS, divide_index, select_index
 
 
 def _compiler_params(st):
@@ -74,11 +63,11 @@ def _table_specs(sz, lists, outer_of):
 
     def row(*ids):
         b, h, o = outer_of(*ids)
-        return _sel(b, sz.list_b), _sel(h, sz.list_h), o, 0
+        return select_index(b, sz.list_b), select_index(h, sz.list_h), o, 0
 
     def scalar(*ids):
         b, h, o = outer_of(*ids)
-        return _sel(b, sz.list_b), _sel(h, sz.list_h), o
+        return select_index(b, sz.list_b), select_index(h, sz.list_h), o
 
     width = lists.index.shape[-1]
     return [pl.BlockSpec((None, None, None, width), row), pl.BlockSpec((None, None, None, width), row),
@@ -184,8 +173,8 @@ def _forward(st: pc.Static, q, k, v, ops: pc.Operands):
     bq, d = st.block_q, sz.head_dim
     in_specs = _table_specs(sz, ops.fwd_lists, lambda i, b, h: (b, h, i))
     in_specs += [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
-                 pl.BlockSpec((None, sz.kv_pad, None, d), lambda i, b, h: (b, 0, _div(h, sz.group), 0)),
-                 pl.BlockSpec((None, sz.kv_pad, None, d), lambda i, b, h: (b, 0, _div(h, sz.group), 0))]
+                 pl.BlockSpec((None, sz.kv_pad, None, d), lambda i, b, h: (b, 0, divide_index(h, sz.group), 0)),
+                 pl.BlockSpec((None, sz.kv_pad, None, d), lambda i, b, h: (b, 0, divide_index(h, sz.group), 0))]
     locate = lambda i, b, h: (b, h, i, 0)
     in_specs += _leaf_specs(st, ops.score_leaves, st.score_specs, locate, along="kv")
     in_specs += _leaf_specs(st, ops.mask_leaves, st.mask_specs, locate, along="kv")
@@ -243,7 +232,7 @@ def _dq_kernel(st: pc.Static, sz: _Sizes, *refs):
             ds, d_blocks, inc = lax.cond(kv_kind[j] == FULL, lambda: run(False), lambda: run(True))
         else:
             ds, d_blocks, inc = run(False)
-        dq = dq + lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
+        dq = dq + lax.dot_general(ds.astype(k.dtype), k, NN_DIMS, preferred_element_type=jnp.float32)
         new_sums = []
         for r, g, blocked, total in zip(grad_refs, d_blocks, kv_blocked, sums):
             if blocked:
@@ -268,7 +257,7 @@ def _dq(st, sz, q, k, v, ops, do, lse, delta):
     bq, d = st.block_q, sz.head_dim
     in_specs = _table_specs(sz, ops.fwd_lists, lambda i, b, h: (b, h, i))
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0))
-    kv_spec = pl.BlockSpec((None, sz.kv_pad, None, d), lambda i, b, h: (b, 0, _div(h, sz.group), 0))
+    kv_spec = pl.BlockSpec((None, sz.kv_pad, None, d), lambda i, b, h: (b, 0, divide_index(h, sz.group), 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     in_specs += [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     locate = lambda i, b, h: (b, h, i, 0)
@@ -341,8 +330,8 @@ def _dkv_kernel(st: pc.Static, sz: _Sizes, *refs):
             p, ds, inc = lax.cond(q_kind[j] == FULL, lambda: run(False), lambda: run(True))
         else:
             p, ds, inc = run(False)
-        dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)
-        dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
+        dv = dv + lax.dot_general(p.astype(do.dtype), do, TN_DIMS, preferred_element_type=jnp.float32)
+        dk = dk + lax.dot_general(ds.astype(q.dtype), q, TN_DIMS, preferred_element_type=jnp.float32)
         return dk, dv, c + inc
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -357,7 +346,7 @@ def _dkv(st, sz, q, k, v, ops, do, lse, delta):
     bk, d = st.block_k, sz.head_dim
     in_specs = _table_specs(sz, ops.bwd_lists, lambda n, b, h: (b, h, n))
     q_spec = pl.BlockSpec((None, sz.q_pad, None, d), lambda n, b, h: (b, 0, h, 0))
-    kv_spec = pl.BlockSpec((None, bk, None, d), lambda n, b, h: (b, n, _div(h, sz.group), 0))
+    kv_spec = pl.BlockSpec((None, bk, None, d), lambda n, b, h: (b, n, divide_index(h, sz.group), 0))
     row_spec = pl.BlockSpec((None, None, sz.q_pad), lambda n, b, h: (b, h, 0))
     in_specs += [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     locate = lambda n, b, h: (b, h, 0, n)

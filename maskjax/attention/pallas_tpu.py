@@ -26,20 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from maskjax.attention import pallas_common as pc
-from maskjax.attention.pallas_common import FULL
-
-_TN = (((0,), (0,)), ((), ()))   # a.T @ b
-_NN = (((1,), (0,)), ((), ()))   # a @ b
-
-
-def _sel(index, size):
-    """Index into a dimension that is either shared (size 1) or full."""
-    return index if size > 1 else 0
-
-
-def _div(a, n):
-    # lax.div (truncating) on non-negative ids: jnp's floor division lowers through `sign`, which needs a TPU.
-    return a if n == 1 else jax.lax.div(a, jnp.int32(n))
+from maskjax.attention.pallas_common import FULL, NN_DIMS, TN_DIMS, divide_index, select_index
 
 
 def _mod(a, n):
@@ -108,7 +95,7 @@ def _fwd_kernel(st: pc.Static, sz: _Sizes, *refs):
     o_ref, lse_ref = outs[:2]
     count_ref = outs[2] if st.count_blocks else None
     b, h, i, j = (pl.program_id(a) for a in range(4))
-    lb, lh = _sel(b, sz.list_b), _sel(h, sz.list_h)
+    lb, lh = select_index(b, sz.list_b), select_index(h, sz.list_h)
     count = kv_count[lb, lh, i]
     kv = kv_list[lb, lh, i, j]
     kind = kv_kind[lb, lh, i, j]
@@ -148,13 +135,14 @@ def _forward(st: pc.Static, q, k, v, ops: pc.Operands):
     bq, bk, d = st.block_q, st.block_k, sz.head_dim
 
     def kv_at(b, h, i, j, kv_list, kv_kind, kv_count):
-        return kv_list[_sel(b, sz.list_b), _sel(h, sz.list_h), i, j]
+        return kv_list[select_index(b, sz.list_b), select_index(h, sz.list_h), i, j]
 
     def locate(b, h, i, j, *tables):
         return b, h, i, kv_at(b, h, i, j, *tables)
 
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, *_: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, *t: (b, _div(h, sz.group), kv_at(b, h, i, j, *t), 0))
+    kv_spec = pl.BlockSpec((None, None, bk, d),
+                           lambda b, h, i, j, *t: (b, divide_index(h, sz.group), kv_at(b, h, i, j, *t), 0))
     in_specs = [q_spec, kv_spec, kv_spec]
     in_specs += _leaf_in_specs(st, ops.score_leaves, st.score_specs, locate)
     in_specs += _leaf_in_specs(st, ops.mask_leaves, st.mask_specs, locate)
@@ -202,7 +190,7 @@ def _dq_kernel(st: pc.Static, sz: _Sizes, *refs):
     grad_refs = outs[1:1 + len(diff)]
     count_ref = outs[-1] if st.count_blocks else None
     b, h, i, j = (pl.program_id(a) for a in range(4))
-    lb, lh = _sel(b, sz.list_b), _sel(h, sz.list_h)
+    lb, lh = select_index(b, sz.list_b), select_index(h, sz.list_h)
     count = kv_count[lb, lh, i]
     kv = kv_list[lb, lh, i, j]
     kind = kv_kind[lb, lh, i, j]
@@ -231,7 +219,7 @@ def _dq_kernel(st: pc.Static, sz: _Sizes, *refs):
         _, ds, d_blocks = pc.backward_block(
             st, b, h, q_idx, kv_idx, q_ref[...], k_blk, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
             _values(score_refs), _values(mask_refs), masked)
-        dq_scr[...] += jax.lax.dot_general(ds.astype(k_blk.dtype), k_blk, _NN, preferred_element_type=jnp.float32)
+        dq_scr[...] += jax.lax.dot_general(ds.astype(k_blk.dtype), k_blk, NN_DIMS, preferred_element_type=jnp.float32)
         for r, g, blocked in zip(grad_refs, d_blocks, kv_blocked):
             g = g.reshape(r.shape).astype(r.dtype)
             if blocked:
@@ -254,13 +242,14 @@ def _dq(st, sz, q, k, v, ops, do, lse, delta):
     bq, bk, d = st.block_q, st.block_k, sz.head_dim
 
     def kv_at(b, h, i, j, kv_list, kv_kind, kv_count):
-        return kv_list[_sel(b, sz.list_b), _sel(h, sz.list_h), i, j]
+        return kv_list[select_index(b, sz.list_b), select_index(h, sz.list_h), i, j]
 
     def locate(b, h, i, j, *tables):
         return b, h, i, kv_at(b, h, i, j, *tables)
 
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, *_: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, *t: (b, _div(h, sz.group), kv_at(b, h, i, j, *t), 0))
+    kv_spec = pl.BlockSpec((None, None, bk, d),
+                           lambda b, h, i, j, *t: (b, divide_index(h, sz.group), kv_at(b, h, i, j, *t), 0))
     row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, *_: (b, h, i, 0))
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     in_specs += _leaf_in_specs(st, ops.score_leaves, st.score_specs, locate)
@@ -324,8 +313,8 @@ def _dkv_kernel(st: pc.Static, sz: _Sizes, *refs):
     count_ref = outs[2] if st.count_blocks else None
     b, hk, n, t = (pl.program_id(a) for a in range(4))
     jj = _mod(t, sz.w_q)
-    h = hk * sz.group + _div(t, sz.w_q)
-    lb, lh = _sel(b, sz.list_b), _sel(h, sz.list_h)
+    h = hk * sz.group + divide_index(t, sz.w_q)
+    lb, lh = select_index(b, sz.list_b), select_index(h, sz.list_h)
     count = q_count[lb, lh, n]
     qi = q_list[lb, lh, n, jj]
     kind = q_kind[lb, lh, n, jj]
@@ -343,8 +332,8 @@ def _dkv_kernel(st: pc.Static, sz: _Sizes, *refs):
         p, ds, _ = pc.backward_block(
             st, b, h, q_idx, kv_idx, q_blk, k_ref[...], v_ref[...], do_blk, lse_ref[...], delta_ref[...],
             _values(score_refs), _values(mask_refs), masked)
-        dv_scr[...] += jax.lax.dot_general(p.astype(do_blk.dtype), do_blk, _TN, preferred_element_type=jnp.float32)
-        dk_scr[...] += jax.lax.dot_general(ds.astype(q_blk.dtype), q_blk, _TN, preferred_element_type=jnp.float32)
+        dv_scr[...] += jax.lax.dot_general(p.astype(do_blk.dtype), do_blk, TN_DIMS, preferred_element_type=jnp.float32)
+        dk_scr[...] += jax.lax.dot_general(ds.astype(q_blk.dtype), q_blk, TN_DIMS, preferred_element_type=jnp.float32)
         if count_ref is not None:
             count_ref[...] += _count_increment(masked)
 
@@ -362,10 +351,10 @@ def _dkv(st, sz, q, k, v, ops, do, lse, delta):
     bq, bk, d = st.block_q, st.block_k, sz.head_dim
 
     def head(hk, t):
-        return hk * sz.group + _div(t, sz.w_q)
+        return hk * sz.group + divide_index(t, sz.w_q)
 
     def q_at(b, hk, n, t, q_list, q_kind, q_count):
-        return q_list[_sel(b, sz.list_b), _sel(head(hk, t), sz.list_h), n, _mod(t, sz.w_q)]
+        return q_list[select_index(b, sz.list_b), select_index(head(hk, t), sz.list_h), n, _mod(t, sz.w_q)]
 
     def locate(b, hk, n, t, *tables):
         return b, head(hk, t), q_at(b, hk, n, t, *tables), n
