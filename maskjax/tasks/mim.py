@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 
 from maskjax import masking as masking_lib
-from maskjax.models.mae import (MAE, MIM_MODES, TARGETS, feature_targets, hog_features, masked_mse, normalize_patches, patchify,
-                                ranking_loss, unpatchify)
+from maskjax.models.mae import (MAE, MIM_MODES, TARGETS, feature_targets, hog_features, masked_mse,
+                                normalize_patches, patchify, ranking_loss, unpatchify)
 from maskjax.models.vit import ViT, token_attention_scores
 from maskjax.tasks.classification import vit_from_config
 
