@@ -55,8 +55,8 @@ def object_patches(dataset: str, num_images: int, image_size: int, patch: int) -
 
 
 def run_workdir(root: str, dataset: str, strategy: str) -> str:
-    name = f"{'mae_builtin' if dataset == 'builtin_shapes' else 'mae_fashion_mnist'}_mim.mask_ratio_0.75_mim.masking_{strategy}"
-    return os.path.join(root, f"{dataset}_2000", name)
+    config_name = "mae_builtin" if dataset == "builtin_shapes" else "mae_fashion_mnist"  # as reproduce.py names runs
+    return os.path.join(root, f"{dataset}_2000", f"{config_name}_mim.mask_ratio_0.75_mim.masking_{strategy}")
 
 
 def strategy_masks(dataset: str, strategy: str, images: np.ndarray, workdir: str) -> np.ndarray:
@@ -121,7 +121,8 @@ def write(results: dict, missing: list, command: str, num_images: int) -> None:
              "(share of images in which each grid position is masked).", ""]
     for dataset, rows in results.items():
         lines += [f"## {dataset}", "", "| strategy | object patches visible | background patches visible | "
-                  "images with no object patch visible | masked at the centre / at the corners |", "|---|---|---|---|---|"]
+                  "images with no object patch visible | masked at the centre / at the corners |",
+                  "|---|---|---|---|---|"]
         for name, r in rows.items():
             freq = np.asarray(r["position_frequency"]).reshape(r["grid"], r["grid"])
             c = r["grid"] // 2

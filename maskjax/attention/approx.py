@@ -9,8 +9,9 @@ Modes (`approx_mode`):
   lowrank    forward and backward through the low-rank kernel; the gradient is the exact gradient of the
              approximate model, O(n r d): at degree 2 autodiff (causal/window) or a streamed analytic
              backward (global path, `_lowrank_global`), else the Kronecker backward below at degree
-             g−1 (e_g' = e_{g-1}), which avoids the feature map's gather-heavy VJP. Related public work: linear/Taylor attention (Based,
-             PolySketchFormer, Performer) — Based uses this same 2nd-order Taylor kernel.
+             g−1 (e_g' = e_{g-1}), which avoids the feature map's gather-heavy VJP. Related public work:
+             linear/Taylor attention (Based, PolySketchFormer, Performer) — Based uses this same 2nd-order
+             Taylor kernel.
   exact_fwd  exact softmax forward (maskjax's dense reference, or its blocked path beyond 256² scores); the
              backward is the `lowrank` gradient (jax.custom_vjp): an approximate gradient of the exact model —
              the paper's setting. The forward is O(n² d) (it is exact); the backward O(n r d).

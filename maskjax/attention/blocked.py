@@ -418,7 +418,8 @@ def blocked_attention(
     if block_map is None:
         block_map = mask_obj.block_map(q_len, k_len, bq, bk, batch=batch, heads=heads)
     elif (block_map.q_len, block_map.k_len, block_map.block_q, block_map.block_k) != (q_len, k_len, bq, bk):
-        raise ValueError(f"blocked_attention: block_map is for {(block_map.q_len, block_map.k_len, block_map.block_q, block_map.block_k)}, "
+        raise ValueError("blocked_attention: block_map is for (q_len, k_len, block_q, block_k)="
+                         f"{(block_map.q_len, block_map.k_len, block_map.block_q, block_map.block_k)}, "
                          f"need {(q_len, k_len, bq, bk)}")
     chunk = max(1, chunk_elems // (bq * bk))
 

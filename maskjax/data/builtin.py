@@ -17,8 +17,9 @@ What is drawn: the background is split into two stuff regions by a random smooth
 filled with a different texture in two random colours. On top: one main object (its class is the label; drawn at a
 larger scale than any distractor, always mostly visible) plus 0..max_objects smaller distractors of other classes,
 which may occlude each other and, a little, the main object. All shapes have the same area at the same scale and
-random colours (any hue; things bright, stuff dark, for every class alike), so the class is carried by shape alone. Shapes that would look like each other when rotated
-(square, diamond, cross) are only rotated by a few degrees; the rest take any rotation.
+random colours (any hue; things bright, stuff dark, for every class alike), so the class is carried by shape alone.
+Shapes that would look like each other when rotated (square, diamond, cross) are only rotated by a few degrees; the
+rest take any rotation.
 
 Pixel tests use only arithmetic, comparisons and floor on float64 (transcendental functions are applied to per-example
 parameters only), so rendering a batch gives exactly the pixels of rendering each example alone.

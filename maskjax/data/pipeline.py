@@ -53,7 +53,8 @@ def make_source(name: str, split: str, *, seed: int = 0, image_size: int = 32, d
       name: 'builtin_shapes' (generated at `image_size` from `seed`; kwargs: num_classes, max_objects,
         split_sizes, cache=True to materialise the split in memory), 'builtin_clips' (video: panning clips of
         those images, 'image' uint8 [T, H, W, C]; kwargs: num_frames, max_speed and the image options),
-        'fashion_mnist' (IDX files or TFDS; kwargs: validation_size, use_tfds; `seed` and `image_size` do not change the data) or 'tfds:<builder_name>'
+        'fashion_mnist' (IDX files or TFDS; kwargs: validation_size, use_tfds; `seed` and `image_size` do not
+        change the data) or 'tfds:<builder_name>'
         (a TFDS array_record data source, e.g. 'tfds:maskjax_shapes/small'; builds maskjax's own builders offline on
         first use; kwargs: download, builder_kwargs).
       split: split name of that data set ('train', 'validation', 'test', or a TFDS split such as 'train[:90%]').
