@@ -6,7 +6,8 @@ compare with supervised training, which masking strategy and which mask ratio wo
 
 Studies (each run: `python -m maskjax.main` with the MAE configs, then a linear probe and a k-NN on the frozen
 encoder, and the same probes on the encoder at its initialisation):
-  baseline   MAE (random masking, ratio 0.75) vs supervised training of the same ViT (probed the same way)
+  baseline   MAE (random masking, ratio 0.75) vs supervised training of the same ViT at the same batch size
+             (probed the same way)
   strategy   random vs block (BEiT) vs attention-guided (AttMask-High, the encoder's own cls attention) vs
              hard-patch mining (HPM, its loss predictor, hardest share 0 -> 0.5) at ratio 0.75
   strategy_extra  grid (ConvMAE, 2x2 cells) and noise (ColorMAE green) masking at ratio 0.75
@@ -15,6 +16,7 @@ Runs are sequential and resumable (see experiments/sweep.py). Writes results/mim
 """
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -39,6 +41,13 @@ STUDIES = {
 }
 
 
+def mae_batch_size(dataset: str) -> int:
+    """Batch size of the MAE config of `dataset`: the supervised run uses it too (equal steps and images)."""
+    sys.path.insert(0, sweep.REPO)
+    module = importlib.import_module("configs." + os.path.basename(MAE_CONFIGS[dataset])[:-3])
+    return int(module.get_config().batch_size)
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in name)
 
@@ -60,9 +69,10 @@ def main(argv=None):
     for dataset in args.datasets:
         for study in args.studies:
             for name, overrides in selected(STUDIES[study], args.runs):
-                if overrides is None:  # supervised: the same encoder size as the MAE config, probed at the end
+                if overrides is None:  # supervised: the MAE config's encoder and batch size, probed at the end
                     config = SUPERVISED_CONFIGS[dataset]
-                    overrides = {"probe.enabled": True, "probe.train_examples": 10000, "model.posemb": "sincos2d"}
+                    overrides = {"probe.enabled": True, "probe.train_examples": 10000, "model.posemb": "sincos2d",
+                                 "batch_size": mae_batch_size(dataset)}
                 else:
                     config = MAE_CONFIGS[dataset]
                     overrides = {"mim.masking": "random", "mim.mask_ratio": 0.75, **overrides}
