@@ -129,7 +129,19 @@ def merged_with_saved(results: dict, steps: int) -> dict:
     for dataset, studies in results.items():
         for study, rows in studies.items():
             saved.setdefault(dataset, {}).setdefault(study, {}).update(rows)
-    return saved
+    return in_study_order(saved)
+
+
+def in_study_order(results: dict) -> dict:
+    """`results` with data sets, studies and runs in the order of MAE_CONFIGS and STUDIES (ratios ascending), so
+    tables and plots read in that order whichever invocation finished first."""
+    def rank(order, key):
+        order = list(order)
+        return order.index(key) if key in order else len(order)
+
+    return {dataset: {study: {name: rows[name] for name in sorted(rows, key=lambda n: rank(STUDIES.get(study, {}), n))}
+                      for study, rows in sorted(studies.items(), key=lambda kv: rank(STUDIES, kv[0]))}
+            for dataset, studies in sorted(results.items(), key=lambda kv: rank(MAE_CONFIGS, kv[0]))}
 
 
 def write(results, command, steps, pending=()):
