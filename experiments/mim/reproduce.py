@@ -66,6 +66,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     command = ("python experiments/mim/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     results, pending = {}, []
+    saved = merged_with_saved({}, args.steps)
     for dataset in args.datasets:
         for study in args.studies:
             for name, overrides in selected(STUDIES[study], args.runs):
@@ -85,7 +86,8 @@ def main(argv=None):
                     f"{k}={v}" for k, v in sorted(overrides.items()) if k.startswith("mim."))
                 workdir = os.path.join(args.workdir_root, f"{dataset}_{args.steps}", slug(run_name))
                 if args.collect_only and not sweep.finished(sweep.read_metrics(workdir), args.steps):
-                    pending.append(f"{dataset} / {study} / {name}")
+                    if name not in saved.get(dataset, {}).get(study, {}):  # rows of earlier machines stay
+                        pending.append(f"{dataset} / {study} / {name}")
                     continue
                 records, seconds = sweep.run(config, workdir, overrides, args.steps)
                 final = sweep.final(records, args.steps)
