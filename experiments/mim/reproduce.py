@@ -2,7 +2,8 @@
 compare with supervised training, which masking strategy and which mask ratio work best?
 
     python experiments/mim/reproduce.py                              # every study, both data sets
-    python experiments/mim/reproduce.py --studies ratio --datasets builtin_shapes --steps 300
+    python experiments/mim/reproduce.py --studies ratio --datasets builtin_shapes --steps 300 \
+        --results-dir /tmp/mim300                                  # a shorter sweep, kept apart
 
 Studies (each run: `python -m maskjax.main` with the MAE configs, then a linear probe and a k-NN on the frozen
 encoder, and the same probes on the encoder at its initialisation):
@@ -12,7 +13,8 @@ encoder, and the same probes on the encoder at its initialisation):
              hard-patch mining (HPM, its loss predictor, hardest share 0 -> 0.5) at ratio 0.75
   strategy_extra  grid (ConvMAE, 2x2 cells) and noise (ColorMAE green) masking at ratio 0.75
   ratio      random masking at 0.25, 0.5, 0.75, 0.9 (MAE reports ~0.75 as best on ImageNet: checked, not assumed)
-Runs are sequential and resumable (see experiments/sweep.py). Writes results/mim.{md,json}.
+Runs are sequential and resumable (see experiments/sweep.py). Writes results/mim.{md,json,png}; a results
+directory holds one step count, so a sweep of another length needs its own --results-dir.
 """
 
 import argparse
@@ -63,10 +65,15 @@ def main(argv=None):
     p.add_argument("--collect-only", action="store_true",
                    help="tabulate the finished runs, start none (e.g. while another invocation is still running)")
     p.add_argument("--workdir-root", default=os.path.join(sweep.REPO, "workdirs", "mim"))
+    p.add_argument("--results-dir", default=RESULTS, help="where mim.{md,json,png} go (default: %(default)s)")
     args = p.parse_args(argv)
+    saved_steps = steps_in(args.results_dir)
+    if saved_steps not in (None, args.steps):
+        p.error(f"{args.results_dir}/mim.json holds {saved_steps}-step runs and --steps is {args.steps}: pass "
+                "--results-dir for a sweep of another length (the tables would otherwise be replaced)")
     command = ("python experiments/mim/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     results, pending = {}, []
-    saved = merged_with_saved({}, args.steps)
+    saved = merged_with_saved({}, args.results_dir)
     for dataset in args.datasets:
         for study in args.studies:
             for name, overrides in selected(STUDIES[study], args.runs):
@@ -97,9 +104,9 @@ def main(argv=None):
                            eval_accuracy=final.get("eval/accuracy"), wall_seconds=seconds)
                 results.setdefault(dataset, {}).setdefault(study, {})[name] = row
                 print(dataset, study, name, row, flush=True)
-                write(results, command, args.steps)
+                write(results, command, args.steps, args.results_dir)
     if args.collect_only:
-        write(results, command, args.steps, pending)
+        write(results, command, args.steps, args.results_dir, pending)
 
 
 def selected(runs: dict, patterns) -> list:
@@ -118,16 +125,23 @@ def _pct(x):
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
-def merged_with_saved(results: dict, steps: int) -> dict:
-    """`results` on top of the rows already in results/mim.json for the same step count (several invocations,
-    e.g. one per data set, build one table)."""
-    path = os.path.join(RESULTS, "mim.json")
+def steps_in(results_dir: str):
+    """The step count of the runs in `results_dir`/mim.json, None if there is no such file."""
+    path = os.path.join(results_dir, "mim.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["meta"]["steps"]
+
+
+def merged_with_saved(results: dict, results_dir: str) -> dict:
+    """`results` on top of the rows already in `results_dir`/mim.json (several invocations, e.g. one per data
+    set, build one table; main() has checked that they ran the same number of steps)."""
+    path = os.path.join(results_dir, "mim.json")
     saved = {}
     if os.path.exists(path):
         with open(path) as f:
-            previous = json.load(f)
-        if previous.get("meta", {}).get("steps") == steps:
-            saved = previous["results"]
+            saved = json.load(f)["results"]
     for dataset, studies in results.items():
         for study, rows in studies.items():
             saved.setdefault(dataset, {}).setdefault(study, {}).update(rows)
@@ -146,13 +160,15 @@ def in_study_order(results: dict) -> dict:
             for dataset, studies in sorted(results.items(), key=lambda kv: rank(MAE_CONFIGS, kv[0]))}
 
 
-def write(results, command, steps, pending=()):
-    os.makedirs(RESULTS, exist_ok=True)
-    results = merged_with_saved(results, steps)
+def write(results, command, steps, results_dir, pending=()):
+    os.makedirs(results_dir, exist_ok=True)
+    results = merged_with_saved(results, results_dir)
     meta = dict(command=command, steps=steps, machine=f"{platform.machine()}, {os.cpu_count()} cores",
                 load_avg_end=os.getloadavg())
-    with open(os.path.join(RESULTS, "mim.json"), "w") as f:
+    json_path = os.path.join(results_dir, "mim.json")
+    with open(json_path + ".tmp", "w") as f:  # every finished run's row is in here: never leave it half-written
         json.dump(dict(meta=meta, results=results), f, indent=1)
+    os.replace(json_path + ".tmp", json_path)
     lines = ["# Masked image modeling on CPU: frozen-feature probes", "",
              "Command: `python experiments/mim/reproduce.py` (every study, both data sets; one data set or study "
              f"at a time with --datasets / --studies; this file was last written by `{command}`).", "",
@@ -184,9 +200,9 @@ def write(results, command, steps, pending=()):
     if pending:
         lines += ["## Not measured yet", "", "Runs of `python experiments/mim/reproduce.py` not finished when this "
                   "file was written (the same command resumes them):", ""] + [f"- {p}" for p in pending] + [""]
-    with open(os.path.join(RESULTS, "mim.md"), "w") as f:
+    with open(os.path.join(results_dir, "mim.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot(results, os.path.join(RESULTS, "mim.png"))
+    plot(results, os.path.join(results_dir, "mim.png"))
 
 
 def plot(results: dict, path: str) -> None:
