@@ -67,13 +67,12 @@ def main(argv=None):
     p.add_argument("--workdir-root", default=os.path.join(sweep.REPO, "workdirs", "mim"))
     p.add_argument("--results-dir", default=RESULTS, help="where mim.{md,json,png} go (default: %(default)s)")
     args = p.parse_args(argv)
-    saved_steps = steps_in(args.results_dir)
+    saved_steps, saved = read_saved(args.results_dir)
     if saved_steps not in (None, args.steps):
         p.error(f"{args.results_dir}/mim.json holds {saved_steps}-step runs and --steps is {args.steps}: pass "
                 "--results-dir for a sweep of another length (the tables would otherwise be replaced)")
     command = ("python experiments/mim/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     results, pending = {}, []
-    saved = merged_with_saved({}, args.results_dir)
     for dataset in args.datasets:
         for study in args.studies:
             for name, overrides in selected(STUDIES[study], args.runs):
@@ -125,23 +124,20 @@ def _pct(x):
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
-def steps_in(results_dir: str):
-    """The step count of the runs in `results_dir`/mim.json, None if there is no such file."""
+def read_saved(results_dir: str) -> tuple:
+    """(step count, rows) of `results_dir`/mim.json; (None, {}) if there is no such file."""
     path = os.path.join(results_dir, "mim.json")
     if not os.path.exists(path):
-        return None
+        return None, {}
     with open(path) as f:
-        return json.load(f)["meta"]["steps"]
+        saved = json.load(f)
+    return saved["meta"]["steps"], saved["results"]
 
 
 def merged_with_saved(results: dict, results_dir: str) -> dict:
     """`results` on top of the rows already in `results_dir`/mim.json (several invocations, e.g. one per data
     set, build one table; main() has checked that they ran the same number of steps)."""
-    path = os.path.join(results_dir, "mim.json")
-    saved = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)["results"]
+    _, saved = read_saved(results_dir)
     for dataset, studies in results.items():
         for study, rows in studies.items():
             saved.setdefault(dataset, {}).setdefault(study, {}).update(rows)
