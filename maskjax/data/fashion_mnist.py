@@ -40,14 +40,20 @@ class FashionMnistNotFoundError(FileNotFoundError):
 
 
 def resolve_dir(data_dir: str | None = None) -> str:
-    """The directory with the four IDX files: `data_dir`, else $MASKJAX_FASHION_MNIST_DIR, else DEFAULT_DIR."""
-    directory = data_dir or os.environ.get(ENV_DIR) or DEFAULT_DIR
+    """The directory with the four IDX files: `data_dir` when given (and only it: a named directory is never
+    replaced by another), else $MASKJAX_FASHION_MNIST_DIR, else DEFAULT_DIR."""
+    if data_dir:
+        directory, origin = data_dir, "data_dir"
+    elif os.environ.get(ENV_DIR):
+        directory, origin = os.environ[ENV_DIR], f"${ENV_DIR}"
+    else:
+        directory, origin = DEFAULT_DIR, "the default directory"
     missing = [f for pair in FILES.values() for f in pair if not os.path.isfile(os.path.join(directory, f))]
     if missing:
         raise FashionMnistNotFoundError(
-            f"Fashion-MNIST IDX files not found in {directory!r} (missing: {', '.join(missing)}). Install them with "
-            f"`{APT_COMMAND}` (files go to {DEFAULT_DIR}/), or point data_dir / ${ENV_DIR} to a directory "
-            f"holding {', '.join(f for pair in FILES.values() for f in pair)}.")
+            f"Fashion-MNIST IDX files not found in {directory!r} ({origin}; missing: {', '.join(missing)}). "
+            f"Install them with `{APT_COMMAND}` (files go to {DEFAULT_DIR}/), or point data_dir / ${ENV_DIR} to a "
+            f"directory holding {', '.join(f for pair in FILES.values() for f in pair)}.")
     return directory
 
 
@@ -151,7 +157,8 @@ def load(split: str = "train", *, data_dir: str | None = None, validation_size: 
 
     Args:
       split: 'train', 'validation' (last `validation_size` of train) or 'test'.
-      data_dir: TFDS data directory and/or directory of the IDX files (None = library defaults).
+      data_dir: TFDS data directory and/or directory of the IDX files (None = library defaults). A given
+        directory is the only place looked at: if neither TFDS nor the IDX files are there, the error names it.
       validation_size: training examples held out at the end of train as 'validation' (0 = none).
       use_tfds: True = TFDS only, False = IDX only, None = TFDS when possible, else IDX.
     Raises:
@@ -165,5 +172,4 @@ def load(split: str = "train", *, data_dir: str | None = None, validation_size: 
             if use_tfds:
                 raise
             logging.info("TFDS fashion_mnist unavailable (%s); reading the IDX files instead.", error)
-    idx_dir = data_dir if data_dir and available(data_dir) else None
-    return FashionMnist(split, data_dir=idx_dir, validation_size=validation_size)
+    return FashionMnist(split, data_dir=data_dir, validation_size=validation_size)

@@ -119,3 +119,36 @@ def test_training_batches_are_resized_and_normalised():
     batch = train.batch_at(0)
     assert batch["image"].shape == (16, 32, 32, 1) and batch["image"].dtype == np.float32
     assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+
+
+def _fake_idx_dir(directory, parts=("train", "test"), count=3, label=7):
+    """A directory of tiny, valid IDX files (`count` images of value `label`, labels `label`) for `parts`."""
+    os.makedirs(directory, exist_ok=True)
+    for part in parts:
+        images_file, labels_file = fashion_mnist.FILES[part]
+        with gzip.open(os.path.join(directory, images_file), "wb") as f:
+            f.write(struct.pack(">IIII", 0x803, count, 28, 28) + bytes([label]) * (count * 28 * 28))
+        with gzip.open(os.path.join(directory, labels_file), "wb") as f:
+            f.write(struct.pack(">II", 0x801, count) + bytes([label]) * count)
+    return str(directory)
+
+
+def test_a_named_data_dir_is_never_replaced_by_the_environment_variable(tmp_path, monkeypatch):
+    # Issue 13: an incomplete data_dir used to be swapped silently for $MASKJAX_FASHION_MNIST_DIR.
+    complete = _fake_idx_dir(tmp_path / "complete", label=7)
+    incomplete = _fake_idx_dir(tmp_path / "incomplete", parts=("test",))
+    monkeypatch.setenv(fashion_mnist.ENV_DIR, complete)
+    with pytest.raises(fashion_mnist.FashionMnistNotFoundError) as info:
+        fashion_mnist.load("test", data_dir=incomplete, use_tfds=False)
+    assert repr(incomplete) in str(info.value) and complete not in str(info.value)
+    assert "train-images-idx3-ubyte.gz" in str(info.value)
+    # The variable is the default when no directory is named.
+    assert fashion_mnist.load("test", use_tfds=False)[0]["label"] == 7
+
+
+def test_the_error_names_the_given_data_dir_when_no_variable_is_set(tmp_path, monkeypatch):
+    monkeypatch.delenv(fashion_mnist.ENV_DIR, raising=False)
+    empty = str(tmp_path / "nothing_here")
+    with pytest.raises(fashion_mnist.FashionMnistNotFoundError) as info:
+        fashion_mnist.load("train", data_dir=empty)
+    assert repr(empty) in str(info.value) and repr(fashion_mnist.DEFAULT_DIR) not in str(info.value)
