@@ -5,6 +5,7 @@ default and a one-line comment, so a mistyped `--config.<key>=...` override is a
 """
 
 import difflib
+import json
 from typing import Any, Iterable, Optional
 
 import ml_collections
@@ -135,7 +136,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_visualize = 16  # Validation examples drawn with their predictions at the end.
     c.progress_bar = True  # Live tqdm progress bar on the main process.
     c.stop_after_steps = -1  # Stop (with a checkpoint) after this many steps of this run (-1 = never; for tests).
+    # Resuming with a config that differs from the checkpoint's in a key that breaks exact resumption (model, task,
+    # data, optimizer, seed, batch size, ...): 'strict' stops and lists them, 'force' resumes anyway (recorded in
+    # the workdir's history.jsonl). Changes to the shapes of the state can never be resumed.
+    c.resume_policy = "strict"
+    c.lock_stale_seconds = 600  # A workdir lock of another host not refreshed for this long is taken over.
+    c.distributed_timeout = 300  # Seconds a multi-process run waits for all its processes to join.
     return c
+
+
+RESUME_POLICIES = ("strict", "force")
+# Keys a resumed run may change: they alter neither the saved state nor the data and random streams of the steps
+# to come (evaluation, logging, checkpoint cadence, the mesh, the attention kernel, probes, the run's length).
+RESUME_SAFE_KEYS = (
+    "total_steps", "log_every", "eval_every", "eval_batch_size", "eval_examples", "checkpoint_every",
+    "keep_checkpoints", "async_checkpointing", "num_visualize", "progress_bar", "stop_after_steps", "resume_policy",
+    "lock_stale_seconds", "distributed_timeout", "sharding_rules", "data.data_dir", "data.eval_split",
+    "data.num_threads", "data.prefetch", "model.remat", "model.attention.backend", "model.attention.block_q",
+    "model.attention.block_k", "model.attention.record_max_logit")
+RESUME_SAFE_PREFIXES = ("mesh.", "probe.", "init_from.")  # init_from only shapes a fresh start.
 
 
 # Sub-trees whose keys depend on another setting (validated by the code that consumes them).
@@ -196,6 +215,30 @@ def check_known_keys(config: ml_collections.ConfigDict, reference: Optional[ml_c
             raise ValueError(unknown_key_message(key, valid))
 
 
+def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{dotted key: JSON value} of a config (tuples become lists), as stored with every checkpoint."""
+    def flatten(tree, prefix):
+        out = {}
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flatten(value, f"{prefix}{name}."))
+            else:
+                out[f"{prefix}{name}"] = value
+        return out
+    return flatten(json.loads(config.to_json_best_effort()), "")
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[dict, dict]:
+    """(safe, unsafe) changes {key: (saved value, current value)} between the flat config a checkpoint was saved
+    with and the current one. Keys missing on either side (another maskjax version) are not compared."""
+    safe, unsafe = {}, {}
+    for key in sorted(set(saved) & set(current)):
+        if saved[key] != current[key]:
+            is_safe = key in RESUME_SAFE_KEYS or key.startswith(RESUME_SAFE_PREFIXES)
+            (safe if is_safe else unsafe)[key] = (saved[key], current[key])
+    return safe, unsafe
+
+
 def _fail(key: str, value: Any, why: str):
     raise ValueError(f"config.{key}={value!r}: {why}")
 
@@ -211,8 +254,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     for key in ("total_steps", "batch_size", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         if int(config[key]) < 1:
             _fail(key, config[key], "must be >= 1")
+    if config.resume_policy not in RESUME_POLICIES:
+        _fail("resume_policy", config.resume_policy, f"must be one of {RESUME_POLICIES}")
+    if config.lock_stale_seconds <= 0:
+        _fail("lock_stale_seconds", config.lock_stale_seconds, "must be > 0")
+    if config.distributed_timeout <= 0:
+        _fail("distributed_timeout", config.distributed_timeout, "must be > 0")
     if config.eval_every < 0:
         _fail("eval_every", config.eval_every, "must be >= 0")
+    if config.eval_examples == 0 or config.eval_examples < -1:
+        _fail("eval_examples", config.eval_examples, "must be a positive count or -1 (all)")
     try:
         variant = decode_variant(config.model.variant)
     except ValueError as e:

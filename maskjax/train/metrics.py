@@ -2,16 +2,23 @@
 
 import json
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 from PIL import Image
 
 
 class MetricWriter:
-    """Writes scalars and images of the main process; other processes get a no-op writer."""
+    """Writes scalars and images of the main process; other processes get a no-op writer.
 
-    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    A resumed run passes `resume_step`: records of later steps (written after that checkpoint by a run that then
+    died) are dropped from metrics.jsonl and purged from TensorBoard, since the resumed run writes them again. With
+    `redo_final_step` (a run resumed at its last step, whose final evaluation runs again) that step's eval and
+    probe records are dropped too.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True, resume_step: int = 0,
+                 redo_final_step: Optional[int] = None):
         self.enabled = enabled
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         self.tensorboard_dir = os.path.join(workdir, "tensorboard")
@@ -21,10 +28,14 @@ class MetricWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        if os.path.exists(self.jsonl_path):
+            _drop_records_after(self.jsonl_path, resume_step, redo_final_step)
         self._jsonl = open(self.jsonl_path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter  # Only the main process needs it.
-            self._tb = SummaryWriter(self.tensorboard_dir, flush_secs=10)
+            # purge_step: TensorBoard discards this run directory's earlier events at steps >= it.
+            self._tb = SummaryWriter(self.tensorboard_dir, flush_secs=10,
+                                     purge_step=resume_step + 1 if resume_step else None)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         """One JSON line {'step': step, '<prefix>/<name>': value, ...} and one TensorBoard scalar each."""
@@ -60,6 +71,29 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _drop_records_after(path: str, step: int, redo_final_step: Optional[int]) -> None:
+    """Rewrites a metrics.jsonl (atomically) without the records a resumed run from `step` writes again."""
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # A line cut by a crash mid-write.
+        if record.get("step", 0) > step:
+            continue
+        if redo_final_step is not None and record.get("step") == redo_final_step and any(
+                key.startswith(("eval/", "probe/")) for key in record):
+            continue
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 def read_jsonl(path: str) -> list[dict]:

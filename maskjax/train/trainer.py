@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -21,7 +23,8 @@ from maskjax.data import pipeline
 from maskjax.tasks import make_task
 from maskjax.train import checkpoint as ckpt_lib
 from maskjax.train import sharding as sharding_lib
-from maskjax.train.config import validate
+from maskjax.train import workdir as workdir_lib
+from maskjax.train.config import flat_config, resume_changes, validate
 from maskjax.train.metrics import MetricWriter
 from maskjax.train.optim import make_optimizer
 
@@ -31,6 +34,10 @@ PURPOSE_INIT, PURPOSE_TRAIN = 0, 1
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf."""
+
+
+class ResumeError(ValueError):
+    """The workdir's checkpoints cannot be resumed with this config (changed keys, other shapes, none intact)."""
 
 
 @flax.struct.dataclass
@@ -47,8 +54,10 @@ class RunResult:
     train_metrics: dict
     eval_metrics: dict
     stopped_early: bool  # Stopped before total_steps (preemption or stop_after_steps); a checkpoint was saved.
-    preempted: bool  # A SIGTERM asked the run to stop.
+    preempted: bool  # A SIGTERM or SIGINT stopped the run before total_steps.
     paths: dict
+    eval_step: Optional[int] = None  # Step of `eval_metrics` (the final evaluation, or the last periodic one).
+    stop_signal: Optional[str] = None  # 'SIGTERM' / 'SIGINT' when a signal arrived (even at the last step).
 
 
 class _Prefix:
@@ -103,17 +112,23 @@ class Trainer:
 
         data = config.data
         video = {"num_frames": data.num_frames} if data.num_frames > 0 else {}
-        self.train_source = pipeline.make_source(
-            data.name, data.train_split, seed=data.seed, image_size=data.image_size, data_dir=data.data_dir or None,
-            **video)
+
+        def source(split):
+            try:
+                return pipeline.make_source(data.name, split, seed=data.seed, image_size=data.image_size,
+                                            data_dir=data.data_dir or None, **video)
+            except FileNotFoundError as error:
+                raise ValueError(f"config.data.data_dir={data.data_dir!r} (data.name={data.name!r}): {error}") \
+                    from error
+
+        self.train_source = source(data.train_split)
         if data.train_examples > 0:
             if data.train_examples > len(self.train_source):
                 raise ValueError(f"config.data.train_examples={data.train_examples} exceeds the "
                                  f"{len(self.train_source)} examples of split {data.train_split!r}")
             self.train_source = _Prefix(self.train_source, data.train_examples)
-        self.eval_source = pipeline.make_source(
-            data.name, data.eval_split, seed=data.seed, image_size=data.image_size, data_dir=data.data_dir or None,
-            **video)
+        self.eval_source = source(data.eval_split)
+        self._check_counts_against_data()
         self.train_loader = pipeline.TrainLoader(
             self.train_source, global_batch_size=config.batch_size, seed=config.seed,
             image_size=data.image_size, augment=data.augment,
@@ -129,6 +144,24 @@ class Trainer:
         self._build_state_shardings()
         self.train_step = self._make_train_step()
         self.eval_step = self._make_eval_step()
+
+    def _check_counts_against_data(self) -> None:
+        """Every example count of the config fits its split, before any compute (a too-large eval count would
+        otherwise fail at the first evaluation, after steps that were never saved)."""
+        config, data = self.config, self.config.data
+        counts = [("eval_examples", config.eval_examples, self.eval_source, data.eval_split)]
+        if config.probe.enabled:
+            counts += [("probe.train_examples", config.probe.train_examples, self.train_source, data.train_split),
+                       ("probe.eval_examples", config.probe.eval_examples, self.eval_source, data.eval_split)]
+        for key, count, source, split in counts:
+            if count > len(source):
+                limit = " (config.data.train_examples)" if source is self.train_source and data.train_examples > 0 \
+                    else ""
+                raise ValueError(f"config.{key}={count} exceeds the {len(source)} examples{limit} of split "
+                                 f"{split!r} of data set {data.name!r} (-1 = all)")
+        if len(self.train_source) == 0 or len(self.eval_source) == 0:
+            raise ValueError(f"data set {data.name!r}: split {data.train_split!r} has {len(self.train_source)} "
+                             f"examples and split {data.eval_split!r} {len(self.eval_source)}; both must be non-empty")
 
     # ----------------------------------------------------------------------------------------- state and steps
     def _sample_batch(self) -> dict:
@@ -231,9 +264,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- state I/O
     def initial_state(self, checkpointer: Optional[ckpt_lib.Checkpointer] = None) -> TrainState:
-        """The latest checkpoint of the workdir if there is one, else a fresh state."""
-        if checkpointer is not None and checkpointer.latest_step() is not None:
-            return self.restore(checkpointer, checkpointer.latest_step())
+        """The newest intact checkpoint of the workdir if there is one (see `resume`), else a fresh state."""
+        if checkpointer is not None:
+            resumed = self.resume(checkpointer)
+            if resumed is not None:
+                return resumed["state"]
         state = self._create_state()
         if self.config.init_from.workdir:
             state = self._init_from_checkpoint(state)
@@ -265,10 +300,113 @@ class Trainer:
         return TrainState(step=state.step, params=params, opt_state=opt_state)
 
     def restore(self, checkpointer: ckpt_lib.Checkpointer, step: int) -> TrainState:
-        """Restores `step` onto this trainer's mesh, whatever mesh wrote it."""
+        """Restores `step` onto this trainer's mesh, whatever mesh wrote it, verified against its digest."""
         target = ckpt_lib.abstract_with_shardings(self._abstract_state, self.state_shardings)
-        state, _ = checkpointer.restore(step, target)
+        state, _ = checkpointer.restore_verified(step, target)
         return state
+
+    def resume(self, checkpointer: ckpt_lib.Checkpointer) -> Optional[dict]:
+        """The newest intact checkpoint of the workdir, or None when it has none.
+
+        Steps are tried newest first. One whose metadata or arrays cannot be read, whose arrays differ from the
+        digest recorded at save time, or that holds NaN/Inf is damaged: it is moved to
+        `<workdir>/damaged_checkpoints/` (never deleted) with a warning and the next older step is tried. Before
+        any array is read, the config saved with the step is compared with this one: a change that breaks exact
+        resumption stops the run (ResumeError listing every changed key) unless `config.resume_policy='force'`;
+        arrays whose shapes differ from this config's model always stop it, naming them. With checkpoints on disk
+        but none intact the run stops; it never starts from scratch silently.
+
+        Returns {'state', 'step', 'safe_changes', 'forced_changes', 'damaged': [(step, reason, moved_to)]}.
+        """
+        steps = checkpointer.all_steps()
+        damaged = []
+        target = ckpt_lib.abstract_with_shardings(self._abstract_state, self.state_shardings)
+        for step in reversed(steps):
+            try:
+                meta = checkpointer.read_meta(step)
+                meta_error = ""
+            except Exception as error:  # noqa: BLE001 - any unreadable metadata is damage
+                meta, meta_error = None, f"metadata unreadable ({ckpt_lib._short(error)})"
+            if not self._agree(not meta_error):
+                damaged.append(self._quarantine(checkpointer, step, meta_error or "metadata unreadable on a peer"))
+                continue
+            safe, forced = self._check_resume_config(meta, step, checkpointer)
+            try:
+                saved_arrays = checkpointer.array_metadata(step)
+                read_error = ckpt_lib.metadata_disagreement(saved_arrays, meta.get("digest"))
+            except Exception as error:  # noqa: BLE001
+                saved_arrays, read_error = None, f"array metadata unreadable ({ckpt_lib._short(error)})"
+            if not self._agree(not read_error):
+                damaged.append(self._quarantine(checkpointer, step, read_error or "array metadata unreadable on a peer"))
+                continue
+            mismatch = ckpt_lib.structure_mismatch(saved_arrays, self._abstract_state)
+            if mismatch:
+                raise ResumeError(
+                    f"checkpoint {checkpointer.step_dir(step)} does not fit the model of this config "
+                    f"({len(mismatch)} arrays differ): " + "; ".join(mismatch[:8])
+                    + (" ..." if len(mismatch) > 8 else "")
+                    + ". Resume with the config it was saved with (see its config.json), or use another --workdir.")
+            try:
+                state, _ = checkpointer.restore_verified(step, target)
+                restore_error = ""
+            except ckpt_lib.CheckpointDamagedError as error:
+                state, restore_error = None, error.reason
+            if not self._agree(not restore_error):
+                damaged.append(self._quarantine(checkpointer, step, restore_error or "unreadable on a peer"))
+                continue
+            return {"state": state, "step": step, "safe_changes": safe, "forced_changes": forced,
+                    "damaged": damaged}
+        if damaged:
+            raise ResumeError(
+                f"no intact checkpoint in {checkpointer.directory}: every step was damaged and moved aside ("
+                + "; ".join(f"step {s} -> {moved}: {why}" for s, why, moved in damaged)
+                + "). Nothing was deleted. To start from scratch anyway, use another --workdir.")
+        return None
+
+    def _agree(self, ok: bool) -> bool:
+        """True when `ok` holds on every process (each reads its own shards of a checkpoint)."""
+        if jax.process_count() == 1:
+            return ok
+        return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+    def _quarantine(self, checkpointer: ckpt_lib.Checkpointer, step: int, reason: str) -> tuple:
+        moved = checkpointer.step_dir(step)
+        if self.is_main:
+            moved = checkpointer.quarantine(step, reason)
+            print(f"WARNING: checkpoint step {step} in {checkpointer.directory} is damaged ({reason}); moved it to "
+                  f"{moved} and trying the previous step.", file=sys.stderr, flush=True)
+            workdir_lib.append_history(self.workdir, "damaged_checkpoint", step=step, reason=reason, moved_to=moved)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"maskjax_quarantine_{step}")
+            checkpointer.reload()
+        return step, reason, moved
+
+    def _check_resume_config(self, meta: dict, step: int, checkpointer: ckpt_lib.Checkpointer) -> tuple[dict, dict]:
+        """(safe, forced) changes of this config against the one saved with `step`; raises ResumeError for
+        changes that break exact resumption unless resume_policy='force'."""
+        saved = meta.get("config")
+        if not isinstance(saved, dict):
+            if self.is_main:
+                print(f"WARNING: checkpoint step {step} records no config (written by an older maskjax); the "
+                      "config is not compared.", file=sys.stderr, flush=True)
+            return {}, {}
+        safe, unsafe = resume_changes(saved, flat_config(self.config))
+        if unsafe and self.config.resume_policy != "force":
+            listing = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in unsafe.items())
+            raise ResumeError(
+                f"the config differs from the one checkpoint step {step} in {checkpointer.directory} was saved with, "
+                f"in keys that break exact resumption:\n{listing}\nResume with the saved values, use another "
+                "--workdir, or pass --config.resume_policy=force to resume anyway (recorded in history.jsonl).")
+        return safe, unsafe
+
+    def _schedule_note(self, saved_total_steps: int, step: int) -> str:
+        """How a changed total_steps moves the learning rate at the resume step ('' when it does not)."""
+        _, old_schedule = make_optimizer(self.config.optimizer, saved_total_steps)
+        old, new = float(old_schedule(step)), float(self.schedule(step))
+        if np.isclose(old, new, rtol=1e-6, atol=0.0):
+            return ""
+        return (f"the learning rate at step {step} is now {new:.3g} (the schedule for total_steps="
+                f"{saved_total_steps} was at {old:.3g}); it follows the new schedule from here")
 
     def evaluate(self, params: Any) -> dict:
         """Metrics of one pass over the evaluation split (padded final batch is masked out)."""
@@ -283,33 +421,66 @@ class Trainer:
         return self.task.summarize(jax.device_get(sums))
 
     # ----------------------------------------------------------------------------------------------- the loop
-    def run(self) -> RunResult:
-        config = self.config
-        os.makedirs(self.workdir, exist_ok=True)
+    def _acquire_lock(self) -> workdir_lib.WorkdirLock:
+        """Process 0 takes the workdir's lock; every process learns whether it got it (so all stop together)."""
+        lock = workdir_lib.WorkdirLock(self.workdir, stale_seconds=self.config.lock_stale_seconds)
+        error = ""
         if self.is_main:
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
-        writer = MetricWriter(self.workdir, enabled=self.is_main)
-        checkpointer = ckpt_lib.Checkpointer(self.workdir, keep=config.keep_checkpoints,
-                                             async_save=config.async_checkpointing)
-        state = self.initial_state(checkpointer)
-        start_step = int(jax.device_get(state.step))
-        if self.is_main and start_step:
-            print(f"Resuming from the checkpoint at step {start_step} in {checkpointer.directory}", flush=True)
+            try:
+                warning = lock.acquire()
+                if warning:
+                    print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+            except workdir_lib.WorkdirBusyError as busy:
+                error = str(busy)
+        if not self._agree(not error):
+            lock.release()
+            raise workdir_lib.WorkdirBusyError(error or f"process 0 could not lock the workdir {self.workdir}")
+        return lock
 
-        preempted = {"signal": False}
-        previous_handler = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, lambda *_: preempted.update(signal=True))
+    def run(self) -> RunResult:
+        """Trains from the newest intact checkpoint (or from scratch), evaluates, checkpoints; holds the workdir's
+        lock throughout."""
+        os.makedirs(self.workdir, exist_ok=True)
+        lock = self._acquire_lock()
+        try:
+            return self._run_locked()
+        finally:
+            lock.release()
+
+    def _run_locked(self) -> RunResult:
+        config = self.config
+        checkpointer = ckpt_lib.Checkpointer(self.workdir, keep=config.keep_checkpoints,
+                                             async_save=config.async_checkpointing, cleanup_tmp=True)
+        try:
+            resumed = self.resume(checkpointer)
+        except BaseException:
+            checkpointer.close()
+            raise
+        if resumed is None:
+            state = self.initial_state()
+        else:
+            state = resumed["state"]
+        start_step = int(jax.device_get(state.step))
+
+        # Nothing in the workdir is rewritten before the checkpoint and the config were accepted.
+        if self.is_main:
+            self._record_start(resumed, start_step, checkpointer)
+        writer = MetricWriter(self.workdir, enabled=self.is_main, resume_step=start_step,
+                              redo_final_step=config.total_steps if start_step >= config.total_steps else None)
+
+        stop = {"signal": None}
+        previous_handlers = self._install_signal_handlers(stop)
 
         def save(step, state):
-            checkpointer.save(step, state, {"step": step, "seed": config.seed, "data_position": step})
+            checkpointer.save(step, state, {"step": step, "seed": config.seed, "data_position": step,
+                                            "config": flat_config(config)})
 
         progress = None
         if self.is_main and config.progress_bar:
             from tqdm.auto import tqdm
             progress = tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             desc="train")
-        train_metrics, eval_metrics, stopped_early = {}, {}, False
+        train_metrics, eval_metrics, stopped_early, eval_step = {}, {}, False, None
         step = start_step
         window_start, window_steps = time.perf_counter(), 0
         try:
@@ -323,8 +494,8 @@ class Trainer:
                 window_steps += 1
                 if not np.isfinite(metrics["loss"]):
                     raise NonFiniteLossError(
-                        f"Training loss is {metrics['loss']} at step {step}; stopping. The last good checkpoint "
-                        f"is step {checkpointer.latest_step()} in {checkpointer.directory} (nothing newer was saved).")
+                        f"Training loss is {metrics['loss']} at step {step}; stopping. "
+                        + self._last_good_message(checkpointer))
                 if progress is not None:
                     progress.update(1)
                 if step % config.log_every == 0 or step == config.total_steps:
@@ -337,17 +508,18 @@ class Trainer:
                                              img_s=f"{train_metrics['images_per_second']:.0f}")
                     window_start, window_steps = time.perf_counter(), 0
                 if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
-                    eval_metrics = self.evaluate(state.params)
+                    eval_metrics, eval_step = self.evaluate(state.params), step
                     writer.write_scalars(step, eval_metrics, prefix="eval")
                     window_start, window_steps = time.perf_counter(), 0
                 if step % config.checkpoint_every == 0 or step == config.total_steps:
-                    save(step, state)
-                if self._should_stop(preempted["signal"], step - start_step):
-                    save(step, state)
+                    self._save_or_stop(save, step, state, checkpointer)
+                # At the last step training is complete and saved: a signal there lets the final evaluation run.
+                if step < config.total_steps and self._should_stop(stop["signal"] is not None, step - start_step):
+                    self._save_or_stop(save, step, state, checkpointer)
                     stopped_early = True
                     break
             if not stopped_early:
-                eval_metrics = self.evaluate(state.params)
+                eval_metrics, eval_step = self.evaluate(state.params), step
                 writer.write_scalars(step, eval_metrics, prefix="eval")
                 self._write_predictions(writer, state.params, step)
                 if config.probe.enabled:
@@ -359,15 +531,78 @@ class Trainer:
             writer.close()
             if progress is not None:
                 progress.close()
-            signal.signal(signal.SIGTERM, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
         self.state = state
         paths = {"workdir": self.workdir, "checkpoints": checkpointer.directory, "metrics": writer.jsonl_path,
                  "tensorboard": writer.tensorboard_dir, "images": writer.image_dir}
         return RunResult(step=step, train_metrics=train_metrics, eval_metrics=eval_metrics,
-                         stopped_early=stopped_early, preempted=preempted["signal"], paths=paths)
+                         stopped_early=stopped_early, preempted=stopped_early and stop["signal"] is not None,
+                         paths=paths, eval_step=eval_step, stop_signal=stop["signal"])
+
+    def _save_or_stop(self, save: Callable, step: int, state: TrainState, checkpointer: ckpt_lib.Checkpointer):
+        try:
+            save(step, state)
+        except ckpt_lib.NonFiniteStateError as error:
+            raise NonFiniteLossError(f"{error}. " + self._last_good_message(checkpointer)) from error
+
+    @staticmethod
+    def _last_good_message(checkpointer: ckpt_lib.Checkpointer) -> str:
+        good = checkpointer.last_good_step()
+        if good is None:
+            return (f"No checkpoint was saved or verified before it in {checkpointer.directory}; a restart "
+                    "begins from scratch (lower config.checkpoint_every to keep more of a run).")
+        return (f"The last good checkpoint is step {good} in {checkpointer.directory} (verified or saved by this "
+                "run; nothing newer was saved).")
+
+    def _install_signal_handlers(self, stop: dict) -> dict:
+        """SIGTERM and the first Ctrl-C (SIGINT) ask the loop to save a checkpoint and stop; a second Ctrl-C aborts
+        at once. Returns the previous handlers (none when not on the main thread, where handlers cannot be set)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum, _frame):
+            name = signal.Signals(signum).name
+            if signum == signal.SIGINT and stop["signal"] == "SIGINT":
+                raise KeyboardInterrupt
+            stop["signal"] = name
+            if self.is_main:
+                print(f"\n{name}: stopping after this step with a checkpoint"
+                      + (" (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else ""),
+                      file=sys.stderr, flush=True)
+        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+        for signum in previous:
+            signal.signal(signum, on_signal)
+        return previous
+
+    def _record_start(self, resumed: Optional[dict], start_step: int, checkpointer: ckpt_lib.Checkpointer) -> None:
+        """config.json (atomically) and a history.jsonl line saying how this run started and what it changed."""
+        config = self.config
+        workdir_lib.atomic_write(os.path.join(self.workdir, "config.json"), config.to_json_best_effort(indent=2))
+        if resumed is None:
+            workdir_lib.append_history(self.workdir, "start", step=0, argv=sys.argv,
+                                       init_from=config.init_from.workdir or None)
+            return
+        changes = {**resumed["safe_changes"], **resumed["forced_changes"]}
+        notes = []
+        if "total_steps" in changes:
+            note = self._schedule_note(int(changes["total_steps"][0]), start_step)
+            if note:
+                notes.append(f"total_steps {changes['total_steps'][0]} -> {changes['total_steps'][1]}: {note}")
+        if resumed["forced_changes"]:
+            notes.append("resume_policy='force': resuming despite changes that break exact resumption: "
+                         + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in resumed["forced_changes"].items()))
+        print(f"Resuming from the checkpoint at step {start_step} in {checkpointer.directory}"
+              + (f" with config changes: {', '.join(sorted(changes))}" if changes else ""), flush=True)
+        for note in notes:
+            print(f"WARNING: {note}", file=sys.stderr, flush=True)
+        workdir_lib.append_history(self.workdir, "resume", step=start_step, argv=sys.argv,
+                                   changes={k: list(v) for k, v in changes.items()},
+                                   forced=sorted(resumed["forced_changes"]), notes=notes,
+                                   damaged_steps=[s for s, _, _ in resumed["damaged"]])
 
     def _should_stop(self, signalled: bool, steps_this_run: int) -> bool:
-        """SIGTERM on any process (agreed by all) or the configured step budget of this run."""
+        """A signal on any process (agreed by all) or the configured step budget of this run."""
         stop = signalled or (0 < self.config.stop_after_steps <= steps_this_run)
         if jax.process_count() > 1:
             stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
@@ -425,10 +660,16 @@ class Trainer:
 
 def summary_lines(result: RunResult) -> list[str]:
     """Human-readable end-of-run report: final metrics and where everything was written."""
-    lines = [f"Finished at step {result.step}" + (" (stopped early, checkpoint saved)" if result.stopped_early
-                                                   else ".")]
+    if result.stopped_early:
+        why = f" by {result.stop_signal}" if result.preempted else ""
+        lines = [f"Stopped{why} at step {result.step}, checkpoint saved; run the same command to resume."]
+    else:
+        lines = [f"Finished at step {result.step}."]
+        if result.stop_signal:
+            lines[0] += f" ({result.stop_signal} arrived at the last step; the final evaluation ran.)"
     if result.eval_metrics:
-        lines.append("Eval: " + json.dumps({k: round(v, 4) for k, v in result.eval_metrics.items()}))
+        label = "Eval" if result.eval_step == result.step else f"Last evaluation (step {result.eval_step})"
+        lines.append(f"{label}: " + json.dumps({k: round(v, 4) for k, v in result.eval_metrics.items()}))
     for name in ("checkpoints", "metrics", "tensorboard", "images"):
         lines.append(f"{name:>12}: {result.paths[name]}")
     return lines

@@ -80,6 +80,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
         if metrics.exists() and len(read_jsonl(metrics)) >= 3:
             break
         time.sleep(0.1)
+    # A second run on the same workdir refuses, naming the live one, and changes nothing.
+    second = subprocess.run(main_command(tmp_path, "--config.total_steps=100000"), cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 1 and f"in use by PID {process.pid} on host {socket.gethostname()}" in second.stderr
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 143, output[-2000:]
@@ -114,3 +118,25 @@ def test_two_processes_match_one_process(tmp_path):
     a, b = restored_params(str(one), 6), restored_params(str(two), 6)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_processes=2", "--process_id=1"], "--num_processes=2 needs --coordinator_address"),
+    (["--num_processes=2", "--process_id=2", "--coordinator_address=127.0.0.1:1"], "--process_id=2: must be in"),
+])
+def test_multi_process_flags_that_cannot_work_stop_the_run(tmp_path, flags, message):
+    result = subprocess.run(main_command(tmp_path, *flags), cwd=REPO, env=child_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and message in result.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_a_coordinator_whose_peers_never_join_says_so_at_the_timeout(tmp_path):
+    start = time.time()
+    result = subprocess.run(main_command(tmp_path, "--num_processes=2", "--process_id=0",
+                                         f"--coordinator_address=127.0.0.1:{_free_port()}",
+                                         "--config.distributed_timeout=3"),
+                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Waiting up to 3 s (config.distributed_timeout) for 2 processes" in result.stdout
+    assert "did not start: waited 3 s" in result.stderr and time.time() - start < 60
