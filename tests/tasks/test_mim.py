@@ -110,7 +110,8 @@ def test_masking_options_are_checked_against_the_strategy():
 
 
 def test_short_mae_run_lowers_the_loss_and_draws_reconstructions(tmp_path):
-    trainer = Trainer(tiny_config(total_steps=30, eval_every=0, checkpoint_every=30, data__train_examples=64),
+    trainer = Trainer(tiny_config(total_steps=30, eval_every=0, checkpoint_every=30, data__train_examples=64,
+                                  probe__train_examples=64),
                       str(tmp_path))
     result = trainer.run()
     records = [r for r in map(__import__("json").loads, open(result.paths["metrics"])) if "train/loss" in r]
