@@ -61,8 +61,9 @@ def _as_uint32(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes: [..., 2]
 
 
-def _leaf_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(uint32 [2] digest, bool finite) of one array; the flat index comes from iotas, so no reshape reshards."""
+def _leaf_digest(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(uint32 sum of bits, uint32 index-weighted sum, bool finite) of one array, all scalars (so replicated on
+    every process); the flat index comes from iotas, so no reshape reshards."""
     bits = _as_uint32(x)
     index = jnp.zeros(bits.shape, jnp.uint32)
     stride = 1
@@ -70,24 +71,21 @@ def _leaf_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
         stride *= bits.shape[axis]
     weights = index * jnp.uint32(_GOLDEN) + jnp.uint32(1)
-    digest = jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
     finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
-    return digest, finite
+    return jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32), finite
 
 
 @jax.jit
-def _tree_digest(tree: Any) -> tuple[list, list]:
-    leaves = jax.tree.leaves(tree)
-    pairs = [_leaf_digest(leaf) for leaf in leaves]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+def _tree_digest(tree: Any) -> list:
+    return [_leaf_digest(leaf) for leaf in jax.tree.leaves(tree)]
 
 
 def state_digest(tree: Any) -> dict:
     """{'arrays': {path: 16 hex digits}, 'nonfinite': [paths holding NaN/Inf]} of a tree of arrays."""
     paths = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    digests, finite = jax.device_get(_tree_digest(tree))
-    return {"arrays": {p: "".join(f"{int(v):08x}" for v in d) for p, d in zip(paths, digests)},
-            "nonfinite": [p for p, ok in zip(paths, finite) if not ok]}
+    digests = jax.device_get(_tree_digest(tree))
+    return {"arrays": {p: f"{int(plain):08x}{int(weighted):08x}" for p, (plain, weighted, _) in zip(paths, digests)},
+            "nonfinite": [p for p, (_, _, finite) in zip(paths, digests) if not finite]}
 
 
 def verify(tree: Any, recorded: Optional[dict], prefix: str = "") -> list[str]:

@@ -457,6 +457,9 @@ class Trainer:
             checkpointer.close()
             raise
         if resumed is None:
+            if self.is_main and os.path.exists(os.path.join(self.workdir, workdir_lib.HISTORY_NAME)):
+                print(f"No checkpoint in {checkpointer.directory}: starting from scratch (earlier attempts are "
+                      "recorded in history.jsonl).", file=sys.stderr, flush=True)
             state = self.initial_state()
         else:
             state = resumed["state"]
