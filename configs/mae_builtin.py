@@ -10,13 +10,12 @@ ratio=<float>, mode=mae|mask_token.
 
 import ml_collections
 
-from maskjax.train.config import base_config, parse_config_arg
+from maskjax.train.config import base_config, eval_config, parse_config_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_config_arg(arg, ("runlocal", "variant", "steps", "masking", "ratio", "mode"), "configs/mae_builtin.py")
-    c = base_config()
-    c.task = "mim"
+    c = base_config("mim")
     c.data.name = "builtin_shapes"
     c.data.image_size = 32
     c.data.augment = True
@@ -24,31 +23,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.depth = 6
     c.model.posemb = "sincos2d"  # fixed 2-D sin-cos, as in MAE
     c.model.drop_path_rate = 0.0
-    c.mim.mode = args.get("mode", "mae")
+    c.model.mode = args.get("mode", "mae")
     c.mim.masking = args.get("masking", "random")
     c.mim.mask_ratio = float(args.get("ratio", 0.75))
-    c.mim.decoder_width, c.mim.decoder_depth, c.mim.decoder_heads, c.mim.decoder_mlp_dim = 128, 2, 4, 512
+    c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads, c.model.decoder_mlp_dim = 128, 2, 4, 512
     c.batch_size = 128
     c.total_steps = int(args.get("steps", 2000))
     c.optimizer.learning_rate = 1.5e-3  # 20x MAE's 1.5e-4 x batch/256: short runs need it (measured: 3e-4 is worse)
     c.optimizer.b2 = 0.95
     c.optimizer.warmup_steps = 40
-    c.eval_every = 200
+    c.evals.eval.every = 200
     c.checkpoint_every = 200
-    c.num_visualize = 8
-    c.probe.enabled = True  # linear probe + k-NN: trained encoder vs the same encoder at initialisation
-    c.probe.train_examples = 10000
+    c.evals.reconstructions.count = 8
+    # Linear probe + k-NN at the end: the trained encoder vs the same encoder at initialisation.
+    c.evals.probe = eval_config({"type": "probe", "train_examples": 10000})
     if args.get("runlocal"):
         c.model.variant = args.get("variant", "mu/4")
         c.model.depth = -1
-        c.mim.decoder_width, c.mim.decoder_depth, c.mim.decoder_heads, c.mim.decoder_mlp_dim = 32, 1, 2, 64
+        c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads, c.model.decoder_mlp_dim = 32, 1, 2, 64
         c.batch_size = 32
         c.total_steps = int(args.get("steps", 40))
         c.optimizer.warmup_steps = 5
-        c.eval_every = 20
-        c.eval_examples = 500
+        c.evals.eval.every = 20
+        c.evals.eval.examples = 500
         c.checkpoint_every = 20
         c.log_every = 5
-        c.probe.train_examples = 500
-        c.probe.eval_examples = 500
+        c.evals.probe.train_examples = 500
+        c.evals.probe.eval_examples = 500
     return c

@@ -11,13 +11,12 @@ masking=tube|random.
 
 import ml_collections
 
-from maskjax.train.config import base_config, parse_config_arg
+from maskjax.train.config import base_config, eval_config, parse_config_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_config_arg(arg, ("runlocal", "steps", "frames", "ratio", "masking"), "configs/videomae_builtin.py")
-    c = base_config()
-    c.task = "mim"
+    c = base_config("mim")
     c.data.name = "builtin_clips"
     c.data.num_frames = int(args.get("frames", 8))
     c.data.image_size = 32
@@ -29,24 +28,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.0
     c.mim.masking = args.get("masking", "tube")
     c.mim.mask_ratio = float(args.get("ratio", 0.9))
-    c.mim.decoder_width, c.mim.decoder_depth, c.mim.decoder_heads, c.mim.decoder_mlp_dim = 128, 2, 4, 512
+    c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads, c.model.decoder_mlp_dim = 128, 2, 4, 512
     c.batch_size = 64
     c.total_steps = int(args.get("steps", 2000))
     c.optimizer.learning_rate = 1.5e-3  # as configs/mae_builtin.py
     c.optimizer.b2 = 0.95
     c.optimizer.warmup_steps = 40
-    c.eval_every = 500
-    c.eval_examples = 2000
+    c.evals.eval.every = 500
+    c.evals.eval.examples = 2000
     c.checkpoint_every = 500
-    c.num_visualize = 4
-    c.probe.enabled = True
-    c.probe.train_examples = 5000
-    c.probe.eval_examples = 2000
+    c.evals.reconstructions.count = 4
+    c.evals.probe = eval_config({"type": "probe", "train_examples": 5000, "eval_examples": 2000})
     if args.get("runlocal"):
         c.data.num_frames = int(args.get("frames", 4))
         c.model.variant, c.model.depth = "mu/8", -1
-        c.mim.decoder_width, c.mim.decoder_depth, c.mim.decoder_heads, c.mim.decoder_mlp_dim = 32, 1, 2, 64
+        c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads, c.model.decoder_mlp_dim = 32, 1, 2, 64
         c.batch_size, c.total_steps, c.optimizer.warmup_steps = 16, int(args.get("steps", 20)), 2
-        c.eval_every, c.eval_examples, c.checkpoint_every, c.log_every = 10, 64, 10, 5
-        c.probe.train_examples, c.probe.eval_examples = 200, 200
+        c.evals.eval.every, c.evals.eval.examples, c.checkpoint_every, c.log_every = 10, 64, 10, 5
+        c.evals.probe.train_examples, c.evals.probe.eval_examples = 200, 200
     return c

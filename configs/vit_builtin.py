@@ -10,7 +10,7 @@ Expected result (measured on this CPU, seed 0): see README.md, "Main job".
 
 import ml_collections
 
-from maskjax.train.config import base_config, parse_config_arg
+from maskjax.train.config import base_config, eval_config, parse_config_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -25,7 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = int(args.get("steps", 300))
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 30
-    c.eval_every = 100
+    c.evals.eval.every = 100
+    # Off by default; `--config.evals.probe.every=0` probes the features at the end (experiments/mim).
+    c.evals.probe = eval_config({"type": "probe", "every": -1, "train_examples": 10000})
     c.checkpoint_every = 100
     if args.get("runlocal"):
         c.model.variant = args.get("variant", "mu/4")
@@ -33,8 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.total_steps = int(args.get("steps", 40))
         c.batch_size = 32
         c.optimizer.warmup_steps = 5
-        c.eval_every = 20
-        c.eval_examples = 500
+        c.evals.eval.every = 20
+        c.evals.eval.examples = 500
         c.checkpoint_every = 20
         c.log_every = 5
     return c

@@ -9,7 +9,7 @@ Arguments after ':' (comma-separated): runlocal, variant=<size/patch>, steps=<in
 
 import ml_collections
 
-from maskjax.train.config import base_config, parse_config_arg
+from maskjax.train.config import base_config, eval_config, parse_config_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -25,7 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 128
     c.total_steps = int(args.get("steps", 1000))
     c.optimizer.warmup_steps = 50
-    c.eval_every = 250
+    c.evals.eval.every = 250
+    # Off by default; `--config.evals.probe.every=0` probes the features at the end (experiments/mim).
+    c.evals.probe = eval_config({"type": "probe", "every": -1, "train_examples": 10000})
     c.checkpoint_every = 250
     if args.get("runlocal"):
         c.model.variant = args.get("variant", "mu/4")
@@ -33,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.batch_size = 32
         c.total_steps = int(args.get("steps", 30))
         c.optimizer.warmup_steps = 5
-        c.eval_every = 0
-        c.eval_examples = 500
+        c.evals.eval.every = 0
+        c.evals.eval.examples = 500
         c.log_every = 5
     return c

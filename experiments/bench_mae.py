@@ -33,16 +33,16 @@ RESULTS = os.path.join(HERE, "results")
 
 
 def make_config(variant: str, image_size: int, batch: int, task: str, mode: str = "mae"):
-    c = base_config()
-    c.task = task
+    c = base_config(task)
     c.model.variant = variant
     c.model.posemb = "sincos2d"
     c.model.drop_path_rate = 0.0
     c.data.image_size = image_size
     c.batch_size = batch
-    c.mim.mode = mode
-    c.mim.mask_ratio = 0.75
-    c.mim.decoder_width, c.mim.decoder_depth, c.mim.decoder_heads, c.mim.decoder_mlp_dim = 256, 4, 8, 1024
+    if task == "mim":
+        c.model.mode = mode
+        c.mim.mask_ratio = 0.75
+        c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads, c.model.decoder_mlp_dim = 256, 4, 8, 1024
     return c
 
 

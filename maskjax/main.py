@@ -32,13 +32,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as error:
-        from maskjax.train.config import base_config, flat_keys, unknown_key_message
-        valid = flat_keys(base_config())  # Every config file starts from this schema.
+        from maskjax.train.config import flat_keys, unknown_key_message
+        valid = flat_keys(_config_without_overrides(argv))
         overrides = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
         unknown = [key for key in overrides if key not in valid] or overrides or [str(error)]
         sys.exit(f"Error: {unknown_key_message(unknown[0], valid)}")
     except flags.Error as error:
         sys.exit(f"Error: {error}\nPass --helpfull to see all flags.")
+
+
+def _config_without_overrides(argv: list[str]):
+    """The config the --config file builds (its keys depend on its task and model), for naming a mistyped key."""
+    import importlib.util
+
+    spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec_arg is None:
+        from maskjax.train.config import base_config
+        return base_config()
+    path, _, arg = spec_arg.partition(":")
+    module_spec = importlib.util.spec_from_file_location("maskjax_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
 def main(argv: list[str]) -> None:

@@ -49,8 +49,8 @@ def run_overrides(name: str, steps: int) -> dict:
     settings = dict(RUNS[name])
     seed = settings.pop("seed", 0)
     overrides = dict(MODEL, **{f"model.attention.{k}": v for k, v in settings.items()})
-    overrides.update({"seed": seed, "eval_every": 0, "batch_size": 64, "checkpoint_every": steps, "log_every": 10,
-                      "optimizer.warmup_steps": max(steps // 20, 1), "num_visualize": 0})
+    overrides.update({"seed": seed, "evals.eval.every": 0, "batch_size": 64, "checkpoint_every": steps,
+                      "log_every": 10, "optimizer.warmup_steps": max(steps // 20, 1), "evals.predictions.every": -1})
     return overrides
 
 

@@ -78,8 +78,8 @@ def main(argv=None):
             for name, overrides in selected(STUDIES[study], args.runs):
                 if overrides is None:  # supervised: the MAE config's encoder and batch size, probed at the end
                     config = SUPERVISED_CONFIGS[dataset]
-                    overrides = {"probe.enabled": True, "probe.train_examples": 10000, "model.posemb": "sincos2d",
-                                 "batch_size": mae_batch_size(dataset)}
+                    overrides = {"evals.probe.every": 0, "evals.probe.train_examples": 10000,
+                                 "model.posemb": "sincos2d", "batch_size": mae_batch_size(dataset)}
                 else:
                     config = MAE_CONFIGS[dataset]
                     overrides = {"mim.masking": "random", "mim.mask_ratio": 0.75, **overrides}

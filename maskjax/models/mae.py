@@ -214,7 +214,13 @@ class MAE(nn.Module):
                 nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, enc.width), jnp.float32)
             position = enc.position_embedding(grid).astype(stem.dtype)
             tokens = jnp.where(masking.mask[..., None], mask_token.astype(stem.dtype) + position, stem)
-        encoded, _ = enc.encode(enc.add_prefix_tokens(tokens), train=train)
+        if self.mode == "mae" and enc.token_mask.kind != "none":
+            raise ValueError(f"MAE: mode='mae' encodes a different visible subset of every image, so the encoder's "
+                             f"token_mask kind={enc.token_mask.kind!r} has no fixed grid to apply to; use "
+                             "mode='mask_token'")
+        # mask_token mode encodes the whole grid, so the encoder's token mask (windows, ...) applies as in a ViT.
+        block_mask = enc.block_masks(grid) if self.mode == "mask_token" else None
+        encoded, _ = enc.encode(enc.add_prefix_tokens(tokens), train=train, mask=block_mask)
 
         if self.decoder_depth == 0:
             x = encoded[:, num_prefix:]

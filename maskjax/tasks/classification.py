@@ -10,45 +10,62 @@ import numpy as np
 
 from maskjax import masking as masking_lib
 from maskjax.evaluate.metrics import correct_topk, softmax_cross_entropy
-from maskjax.models.vit import ViT, decode_variant
-from maskjax.tasks.common import attention_from_config, logit_metrics
+from maskjax.tasks.base import ModelSpec, register_model, register_task
+from maskjax.tasks.common import logit_metrics, validate_vit, vit_from_config, vit_schema
 
 Batch = Mapping[str, jax.Array]
 PURPOSE_MASKSUB = 0x6D73  # folded into the step key for MaskSub's masks and the sub-branch's dropout
 
 
-def vit_from_config(model_config: ml_collections.ConfigDict) -> ViT:
-    """A ViT whose size comes from `model_config.variant` and whose options from the other fields."""
-    size = decode_variant(model_config.variant)
-    for key in ("depth", "width", "num_heads", "mlp_dim"):
-        if model_config[key] > 0:
-            size[key] = model_config[key]
-    attention, token_mask = attention_from_config(model_config.attention)
-    return ViT(
-        num_classes=model_config.num_classes,
-        tubelet_size=model_config.get("tubelet_size", 0) or None,
-        class_token=model_config.class_token,
-        num_registers=model_config.num_registers,
-        posemb=model_config.posemb,
-        pool=model_config.pool,
-        dropout=model_config.dropout,
-        drop_path_rate=model_config.drop_path_rate,
-        layer_scale_init=model_config.layer_scale_init or None,
-        dtype=jnp.dtype(model_config.dtype),
-        remat=model_config.remat,
-        attention=attention,
-        token_mask=token_mask,
-        **size,
-    )
+register_model(ModelSpec(name="vit", schema=vit_schema, validate=validate_vit))
 
 
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """ValueErrors naming the bad `config.classification` key (MaskSub settings)."""
+    c = config.classification
+    if not 0.0 <= c.label_smoothing < 1.0:
+        raise ValueError(f"config.classification.label_smoothing={c.label_smoothing!r}: must be in [0, 1)")
+    if not 0.0 <= c.masksub_ratio < 1.0:
+        raise ValueError(f"config.classification.masksub_ratio={c.masksub_ratio!r}: must be in [0, 1) (0 = off)")
+    if c.masksub_ratio > 0 and config.model.attention.mask != "none":
+        raise ValueError(f"config.classification.masksub_ratio={c.masksub_ratio!r}: cannot be combined with a token "
+                         f"mask (model.attention.mask={config.model.attention.mask!r}): the sub-branch drops patches")
+
+
+@register_task
 class ClassificationTask:
-    """Softmax cross-entropy on integer labels; top-1 accuracy."""
+    """Softmax cross-entropy on integer labels; top-1 (and top-5) accuracy. Fields: 'image', 'label'."""
+
+    name = "classification"
+    models = ("vit",)
+    feature_kinds = ("pre_logits",)
+    batch_fields = ("image", "label")
+
+    @classmethod
+    def config_section(cls) -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.label_smoothing = 0.0  # Label smoothing of the softmax cross-entropy.
+        c.masksub_ratio = 0.0  # MaskSub: fraction of patches dropped in a self-distilled sub-branch (0 = off).
+        c.masksub_weight = 1.0  # MaskSub: weight of the sub-branch's KL loss.
+        return c
+
+    @classmethod
+    def default_evals(cls) -> dict[str, dict]:
+        return {"eval": {"type": "metrics", "every": 100},
+                "predictions": {"type": "gallery", "every": 0, "count": 16}}
+
+    validate_config = staticmethod(validate_config)
 
     def __init__(self, config: ml_collections.ConfigDict, *, load_params: Optional[Callable] = None):
         del load_params  # reads no other run (`init_from` is the trainer's business)
         self.config = config
         self.model = vit_from_config(config.model)
+
+    def check_data(self, source: Any) -> None:
+        classes = getattr(source, "num_classes", None)
+        if classes is not None and classes != self.config.model.num_classes:
+            raise ValueError(f"config.model.num_classes={self.config.model.num_classes} but data set "
+                             f"{self.config.data.name!r} has {classes} classes")
 
     def init(self, rng: jax.Array, batch: Batch) -> Any:
         """Model variables (boxed with logical axis names) for a batch of images [b, H, W, C]."""
@@ -65,14 +82,14 @@ class ClassificationTask:
                                    rngs={"dropout": dropout_rng, "drop_path": drop_path_rng},
                                    mutable=["intermediates"] if record else False)
         (logits, _), state = outputs if record else (outputs, {})
-        losses = softmax_cross_entropy(logits, batch["label"], self.config.loss.label_smoothing)
+        losses = softmax_cross_entropy(logits, batch["label"], self.config.classification.label_smoothing)
         accuracy = correct_topk(logits, batch["label"])
         metrics = {"accuracy": jnp.mean(accuracy), **logit_metrics(state)}
         loss = jnp.mean(losses)
-        if self.config.loss.masksub_ratio > 0 and train:
+        if self.config.classification.masksub_ratio > 0 and train:
             sub_loss = self._masksub_loss(params, batch["image"], logits, rng)
             metrics["masksub_loss"] = sub_loss
-            loss = loss + self.config.loss.masksub_weight * sub_loss
+            loss = loss + self.config.classification.masksub_weight * sub_loss
         return loss, metrics
 
     def _masksub_loss(self, params: Any, images: jax.Array, main_logits: jax.Array, rng: jax.Array) -> jax.Array:
@@ -80,7 +97,7 @@ class ClassificationTask:
         match the main branch's (stop-gradient) predictions: mean KL(softmax(main) || softmax(sub))."""
         mask_key, dropout_rng, drop_path_rng = jax.random.split(jax.random.fold_in(rng, PURPOSE_MASKSUB), 3)
         grid = self.model.patch_grid(images.shape[1:3])
-        kept = masking_lib.random_masking(mask_key, images.shape[0], grid, self.config.loss.masksub_ratio).ids_keep
+        kept = masking_lib.random_masking(mask_key, images.shape[0], grid, self.config.classification.masksub_ratio).ids_keep
         sub_logits, _ = self.model.apply({"params": params}, images, train=True, ids_keep=kept,
                                          rngs={"dropout": dropout_rng, "drop_path": drop_path_rng})
         teacher = jax.nn.softmax(jax.lax.stop_gradient(main_logits), axis=-1)
@@ -103,19 +120,21 @@ class ClassificationTask:
         count = max(float(sums["count"]), 1.0)
         return {name: float(value) / count for name, value in sums.items() if name != "count"}
 
-    def features(self, params: Any, images: jax.Array) -> jax.Array:
+    def features(self, params: Any, batch: Batch, kind: str = "pre_logits") -> jax.Array:
         """Frozen features for probes: the pre-logits [B, width] (float32)."""
-        _, aux = self.model.apply({"params": params}, images, train=False)
+        del kind  # one kind
+        _, aux = self.model.apply({"params": params}, batch["image"], train=False)
         return aux["pre_logits"].astype(jnp.float32)
 
-    def predict(self, params: Any, images: jax.Array) -> jax.Array:
-        """[b] predicted classes of images [b, H, W, C]."""
-        logits, _ = self.model.apply({"params": params}, images, train=False)
+    def predict(self, params: Any, batch: Batch) -> jax.Array:
+        """[B] predicted classes of the images [B, H, W, C]."""
+        logits, _ = self.model.apply({"params": params}, batch["image"], train=False)
         return jnp.argmax(logits, axis=-1)
 
-    def visualize(self, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+    def visualize(self, batch: Mapping[str, np.ndarray], predictions: np.ndarray,
                   class_names: Any = None) -> np.ndarray:
         """A uint8 [H, W, 3] gallery: each image with 'true/predicted' labels, green if right, red if wrong."""
+        images, labels = batch["image"], batch["label"]
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

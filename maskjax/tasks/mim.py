@@ -34,7 +34,8 @@ from maskjax import masking as masking_lib
 from maskjax.models.mae import (MAE, MIM_MODES, TARGETS, feature_targets, hog_features, masked_mse,
                                 normalize_patches, patchify, ranking_loss, unpatchify)
 from maskjax.models.vit import ViT, token_attention_scores
-from maskjax.tasks.classification import vit_from_config
+from maskjax.tasks.base import ModelSpec, register_model, register_task
+from maskjax.tasks.common import validate_vit, vit_from_config, vit_schema
 
 Batch = Mapping[str, jax.Array]
 SCORE_FREE_STRATEGIES = ("random", "block", "grid", "noise", "checkerboard", "tube")
@@ -43,10 +44,44 @@ MIM_STRATEGIES = SCORE_FREE_STRATEGIES + GUIDED_STRATEGIES
 ATTENTION_SCORE_SOURCES = ("self", "teacher")
 
 
+def mae_schema() -> ml_collections.ConfigDict:
+    """`config.model` keys of model 'mae': the ViT encoder's (no classifier) and the decoder's."""
+    m = vit_schema(classifier=False)
+    m.mode = "mae"  # 'mae' (encoder on visible patches only) or 'mask_token' (SimMIM / BEiT style).
+    m.decoder_width = 128  # Decoder transformer width.
+    m.decoder_depth = 2  # Decoder blocks (0 = linear head on the encoder output).
+    m.decoder_heads = 4  # Decoder attention heads.
+    m.decoder_mlp_dim = 512  # Decoder MLP width.
+    return m
+
+
+def validate_mae(config: ml_collections.ConfigDict) -> None:
+    """ValueErrors naming the bad `config.model` key of an MAE (encoder keys, then decoder and mode)."""
+    validate_vit(config)
+    m = config.model
+
+    def fail(key, value, why):
+        raise ValueError(f"config.model.{key}={value!r}: {why}")
+
+    if m.mode not in MIM_MODES:
+        fail("mode", m.mode, f"must be one of {MIM_MODES}")
+    if m.decoder_depth < 0:
+        fail("decoder_depth", m.decoder_depth, "must be >= 0")
+    if m.decoder_depth and (m.decoder_width < 1 or m.decoder_heads < 1 or m.decoder_width % m.decoder_heads):
+        fail("decoder_width", m.decoder_width, f"must be >= 1 and divisible by model.decoder_heads={m.decoder_heads}")
+    if m.mode == "mae" and m.attention.mask != "none":
+        raise ValueError(f"config.model.attention.mask={m.attention.mask!r}: cannot apply with model.mode='mae', whose "
+                         "encoder sees a different visible subset of patches in every image; use "
+                         "model.mode='mask_token' (every patch enters the encoder) or attention.mask='none'")
+
+
+register_model(ModelSpec(name="mae", schema=mae_schema, validate=validate_mae))
+
+
 def mae_from_config(config: ml_collections.ConfigDict) -> MAE:
-    """The MAE of `config.mim` around the ViT encoder of `config.model` (its classifier head unused)."""
-    encoder = vit_from_config(config.model).clone(num_classes=None)
-    m = config.mim
+    """The MAE of `config.model` (model 'mae': a ViT encoder without classifier, and its decoder)."""
+    encoder = vit_from_config(config.model)
+    m = config.model
     return MAE(encoder=encoder, mode=m.mode, decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
                decoder_heads=m.decoder_heads, decoder_mlp_dim=m.decoder_mlp_dim, dtype=encoder.dtype)
 
@@ -97,20 +132,14 @@ def check_target_and_scores(mim_config: ml_collections.ConfigDict, *, video: boo
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """ValueErrors naming the bad `config.mim` key and value, before any compute (tracing only, no I/O); the model
-    keys are checked first by `maskjax.train.config.validate`."""
+    keys are checked first by the 'mae' model's spec."""
     m = config.mim
 
     def fail(key, value, why):
         raise ValueError(f"config.mim.{key}={value!r}: {why}")
 
-    if m.mode not in MIM_MODES:
-        fail("mode", m.mode, f"must be one of {MIM_MODES}")
     if m.target not in TARGETS:
         fail("target", m.target, f"must be one of {TARGETS}")
-    if m.decoder_depth < 0:
-        fail("decoder_depth", m.decoder_depth, "must be >= 0")
-    if m.decoder_depth and (m.decoder_width < 1 or m.decoder_heads < 1 or m.decoder_width % m.decoder_heads):
-        fail("decoder_width", m.decoder_width, f"must be >= 1 and divisible by mim.decoder_heads={m.decoder_heads}")
     video = config.data.num_frames > 0
     check_target_and_scores(m, video=video)
     mask_fn = masking_from_config(m)
@@ -163,10 +192,42 @@ def teacher_from_config(config: ml_collections.ConfigDict,
     return model, jax.tree.map(jnp.asarray, params)
 
 
+@register_task
 class MIMTask:
-    """Reconstruct masked patches: loss = mean over masked patches of the per-patch MSE to the target."""
+    """Reconstruct masked patches: loss = mean over masked patches of the per-patch MSE to the target. Field:
+    'image' ([B, H, W, C], or [B, T, H, W, C] for video)."""
 
-    gallery_name = "reconstructions"  # images/reconstructions_step<N>.png: original | masked | reconstruction
+    name = "mim"
+    models = ("mae",)
+    feature_kinds = ("cls", "gap")  # probes: the encoder's cls token (MAE's protocol) or mean patch token
+    batch_fields = ("image",)
+    free_form = ("masking_options",)  # checked by the masking strategy, not the schema
+
+    @classmethod
+    def config_section(cls) -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.mask_ratio = 0.75  # Fraction of patches masked (exact count per image).
+        # Strategy of maskjax.masking: 'random', 'block', 'grid', 'noise', 'checkerboard', 'tube' (video),
+        # 'attention' (AttMask), 'hard_patch' (HPM).
+        c.masking = "random"
+        c.masking_options = ml_collections.ConfigDict()  # Keyword options of the strategy (e.g. min_num_patches).
+        # "pixels", "norm_pixels" (per-patch normalised, MAE), "hog" (MaskFeat) or "teacher" (mim.teacher's features).
+        c.target = "norm_pixels"
+        c.attention_scores = "self"  # AttMask's scores: 'self' (the encoder in training) or 'teacher' (mim.teacher).
+        c.hard_patch_alpha_max = 0.5  # HPM: hardest share of the masked patches at the end (from 0, linear).
+        c.loss_predictor_weight = 1.0  # HPM: weight of the loss predictor's pairwise ranking loss.
+        c.teacher = ml_collections.ConfigDict()  # A frozen maskjax ViT (target 'teacher', AttMask 'teacher').
+        c.teacher.workdir = ""  # Workdir of the teacher's run (its config.json and checkpoints).
+        c.teacher.step = -1  # Its checkpoint step (-1 = latest).
+        c.teacher.params_key = "auto"  # Its encoder's parameter sub-tree ('auto': 'encoder' for MIM runs, else '').
+        return c
+
+    @classmethod
+    def default_evals(cls) -> dict[str, dict]:
+        return {"eval": {"type": "metrics", "every": 100},
+                "reconstructions": {"type": "gallery", "every": 0, "count": 8}}
+
+    validate_config = staticmethod(validate_config)
 
     def __init__(self, config: ml_collections.ConfigDict, *, load_params: Optional[Callable] = None):
         """`load_params(workdir, step, params_key, config_key=...) -> (params, step)` reads the frozen
@@ -245,6 +306,15 @@ class MIMTask:
                                 alpha=self.hard_fraction(step))
         return self.masking(key, batch, grid)
 
+    def check_data(self, source: Any) -> None:
+        del source  # any images will do
+
+    @classmethod
+    def check_feature_kind(cls, config: ml_collections.ConfigDict, kind: str, key: str) -> None:
+        """A ValueError naming `key` when the model cannot give features of `kind`."""
+        if kind == "cls" and not config.model.class_token:
+            raise ValueError(f"config.{key}={kind!r}: needs model.class_token=True (or use 'gap')")
+
     def init(self, rng: jax.Array, batch: Batch) -> Any:
         images = batch["image"]
         masks = self._eval_masking(images)
@@ -310,25 +380,25 @@ class MIMTask:
         count = max(float(sums["count"]), 1.0)
         return {name: float(value) / count for name, value in sums.items() if name != "count"}
 
-    def features(self, params: Any, images: jax.Array) -> jax.Array:
+    def features(self, params: Any, batch: Batch, kind: str = "cls") -> jax.Array:
         """Frozen features for probes: the encoder on every patch (no masking), after its final norm: the cls
-        token (`probe.features='cls'`, MAE's linear-probing protocol) or the mean of the patch tokens ('gap').
+        token (kind 'cls', MAE's linear-probing protocol) or the mean of the patch tokens ('gap').
         -> [B, width] float32."""
         encoder = self.model.encoder
-        _, aux = encoder.apply({"params": params["encoder"]}, images, train=False)
-        if self.config.probe.features == "cls":
+        _, aux = encoder.apply({"params": params["encoder"]}, batch["image"], train=False)
+        if kind == "cls":
             return aux["encoded"][:, 0].astype(jnp.float32)
         return jnp.mean(aux["encoded"][:, encoder.num_prefix_tokens:].astype(jnp.float32), axis=1)
 
-    def predict(self, params: Any, images: jax.Array) -> jax.Array:
+    def predict(self, params: Any, batch: Batch) -> jax.Array:
         """Reconstructions [B, H, W, C] (visible patches from the input), the gallery's 'predictions'."""
-        return self.reconstruct(params, images)[0]
+        return self.reconstruct(params, batch["image"])[0]
 
-    def visualize(self, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+    def visualize(self, batch: Mapping[str, np.ndarray], predictions: np.ndarray,
                   class_names: Any = None) -> np.ndarray:
         """uint8 grid: one row per image: original | masked input (grey patches) | reconstruction. Videos: one row
         per frame, a blank row between clips."""
-        images = np.asarray(images, np.float32)
+        images = np.asarray(batch["image"], np.float32)
         masks = np.asarray(self._eval_masking(jnp.asarray(images)).mask)
         patches = np.asarray(self._patchify(jnp.asarray(images)))
         grey = np.where(masks[..., None], 0.0, patches)

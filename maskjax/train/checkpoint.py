@@ -219,14 +219,22 @@ class Checkpointer:
 
     def restore_params(self, step: int) -> Any:
         """The 'params' subtree of checkpoint `step` as numpy arrays, whatever model and mesh wrote it (for
-        initialising another model from it; replicated on every process), checked against its digest."""
+        initialising another model from it; replicated on every process), checked against its digest. Reads the
+        parameters only, not the optimizer state."""
         path = self.step_dir(step)
         try:
             meta = self.read_meta(step)
-            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            state_dir = os.path.join(path, "state")
+            saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+            # Only the parameters are read: the optimizer state (2x their size for Adam) stays on disk.
+            target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                                             saved["params"])}
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+            restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True))
         except Exception as error:
             raise CheckpointDamagedError(path, _short(error)) from error
-        params = restored.state["params"]
+        params = restored["params"]
         problems = verify(params, meta.get("digest"), prefix="params")
         if problems:
             raise CheckpointDamagedError(path, f"{len(problems)} problem(s): " + "; ".join(problems[:3]))

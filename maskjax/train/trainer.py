@@ -1,5 +1,6 @@
 """The config-driven training loop: sharded state, jitted step, evaluation, checkpoints, metrics, preemption."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,6 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from maskjax.data import pipeline
+from maskjax.evaluate.evaluators import build_evaluators, due
 from maskjax.tasks import make_task
 from maskjax.train import checkpoint as ckpt_lib
 from maskjax.train import sharding as sharding_lib
@@ -93,6 +95,68 @@ def _mesh_context(mesh: Mesh, rules):
     return _Context()
 
 
+def _accumulate(acc: dict, metrics: dict, step: jax.Array) -> dict:
+    """Adds one step's metrics to the window's sums, on device; counts non-finite losses and keeps the first step
+    that had one."""
+    bad = ~jnp.isfinite(metrics["loss"])
+    return {"sums": jax.tree.map(lambda a, m: a + m.astype(a.dtype), acc["sums"], metrics),
+            "steps": acc["steps"] + 1,
+            "nonfinite": acc["nonfinite"] + bad.astype(jnp.int32),
+            "first_bad": jnp.where(bad & (acc["first_bad"] < 0), step.astype(jnp.int32), acc["first_bad"])}
+
+
+@jax.jit
+def _zero_accumulator(metrics: dict) -> dict:
+    return {"sums": jax.tree.map(lambda m: jnp.zeros((), jnp.float32), metrics), "steps": jnp.zeros((), jnp.int32),
+            "nonfinite": jnp.zeros((), jnp.int32), "first_bad": jnp.full((), -1, jnp.int32)}
+
+
+class _TrainerEvalContext:
+    """The `maskjax.evaluate.evaluators.EvalContext` a Trainer lends its evaluators."""
+
+    def __init__(self, trainer: "Trainer"):
+        self._trainer = trainer
+        self.config, self.task, self.is_main = trainer.config, trainer.task, trainer.is_main
+        self.batch_shards = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+        self.process_count = jax.process_count()
+        self._initial = None
+
+    def source(self, split: str):
+        return self._trainer.source(split)
+
+    def batches(self, source, *, batch_size: int, num_examples: int, fields):
+        data = self.config.data
+        for local in pipeline.eval_batches(
+                source, global_batch_size=batch_size, image_size=data.image_size,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                num_examples=num_examples if num_examples > 0 else None, keys=tuple(fields),
+                num_threads=data.num_threads, prefetch=data.prefetch):
+            yield self._trainer.to_global(local)
+
+    def jit(self, fn):
+        trainer, compiled = self._trainer, {}
+        replicated = sharding_lib.replicated(trainer.mesh)
+
+        def run(params, batch):
+            key = tuple(sorted(batch))
+            if key not in compiled:
+                compiled[key] = jax.jit(fn, in_shardings=(trainer.state_shardings.params,
+                                                          trainer.batch_shardings(batch)),
+                                        out_shardings=replicated)
+            with _mesh_context(trainer.mesh, trainer.rules):
+                return compiled[key](params, batch)
+        return run
+
+    def host_params(self, params):
+        replicated = sharding_lib.replicated(self._trainer.mesh)
+        return jax.device_get(jax.jit(lambda p: p, out_shardings=replicated)(params))
+
+    def initial_params(self):
+        if self._initial is None:
+            self._initial = self._trainer.initial_params()
+        return self._initial
+
+
 class Trainer:
     """Builds everything a run needs from a config; `run()` trains, evaluates and checkpoints.
 
@@ -109,59 +173,65 @@ class Trainer:
         self.mesh = sharding_lib.make_mesh(config.mesh, devices)
         self.rules = tuple(tuple(rule) for rule in config.sharding_rules)
         self.is_main = jax.process_index() == 0
+        self.fields = tuple(self.task.batch_fields)
 
         data = config.data
-        video = {"num_frames": data.num_frames} if data.num_frames > 0 else {}
-
-        def source(split):
-            try:
-                return pipeline.make_source(data.name, split, seed=data.seed, image_size=data.image_size,
-                                            data_dir=data.data_dir or None, **video)
-            except FileNotFoundError as error:
-                raise ValueError(f"config.data.data_dir={data.data_dir!r} (data.name={data.name!r}): {error}") \
-                    from error
-
-        self.train_source = source(data.train_split)
+        self._sources = {}
+        self.train_source = self._make_source(data.train_split)
         if data.train_examples > 0:
             if data.train_examples > len(self.train_source):
                 raise ValueError(f"config.data.train_examples={data.train_examples} exceeds the "
                                  f"{len(self.train_source)} examples of split {data.train_split!r}")
             self.train_source = _Prefix(self.train_source, data.train_examples)
-        self.eval_source = source(data.eval_split)
-        self._check_counts_against_data()
+        self._check_fields(self.train_source, data.train_split)
+        self.task.check_data(self.train_source)
         self.train_loader = pipeline.TrainLoader(
             self.train_source, global_batch_size=config.batch_size, seed=config.seed,
-            image_size=data.image_size, augment=data.augment,
+            image_size=data.image_size, augment=data.augment, keys=self.fields,
             process_index=jax.process_index(), process_count=jax.process_count(),
             num_threads=data.num_threads, prefetch=data.prefetch)
-        num_classes = getattr(self.train_source, "num_classes", None)
-        if num_classes is not None and num_classes != config.model.num_classes:
-            raise ValueError(f"config.model.num_classes={config.model.num_classes} but data set "
-                             f"{data.name!r} has {num_classes} classes")
 
         self.tx, self.schedule = make_optimizer(config.optimizer, config.total_steps)
         self.root_key = jax.random.key(config.seed)
         self._build_state_shardings()
         self.train_step = self._make_train_step()
-        self.eval_step = self._make_eval_step()
+        self._accumulate = jax.jit(_accumulate, donate_argnums=0)
+        # Evaluators check their options against the data and the mesh here, before any compute.
+        self.evaluators = build_evaluators(config, _TrainerEvalContext(self))
+        # Around every step that is not a log step; tests set jax.transfer_guard_device_to_host("disallow").
+        self.step_guard: Callable[[], Any] = contextlib.nullcontext
 
-    def _check_counts_against_data(self) -> None:
-        """Every example count of the config fits its split, before any compute (a too-large eval count would
-        otherwise fail at the first evaluation, after steps that were never saved)."""
-        config, data = self.config, self.config.data
-        counts = [("eval_examples", config.eval_examples, self.eval_source, data.eval_split)]
-        if config.probe.enabled:
-            counts += [("probe.train_examples", config.probe.train_examples, self.train_source, data.train_split),
-                       ("probe.eval_examples", config.probe.eval_examples, self.eval_source, data.eval_split)]
-        for key, count, source, split in counts:
-            if count > len(source):
-                limit = " (config.data.train_examples)" if source is self.train_source and data.train_examples > 0 \
-                    else ""
-                raise ValueError(f"config.{key}={count} exceeds the {len(source)} examples{limit} of split "
-                                 f"{split!r} of data set {data.name!r} (-1 = all)")
-        if len(self.train_source) == 0 or len(self.eval_source) == 0:
-            raise ValueError(f"data set {data.name!r}: split {data.train_split!r} has {len(self.train_source)} "
-                             f"examples and split {data.eval_split!r} {len(self.eval_source)}; both must be non-empty")
+    def _make_source(self, split: str):
+        """The data source of `split` (cached), errors naming config.data keys."""
+        data = self.config.data
+        if split not in self._sources:
+            video = {"num_frames": data.num_frames} if data.num_frames > 0 else {}
+            try:
+                source = pipeline.make_source(data.name, split, seed=data.seed, image_size=data.image_size,
+                                              data_dir=data.data_dir or None, **video)
+            except FileNotFoundError as error:
+                raise ValueError(f"config.data.data_dir={data.data_dir!r} (data.name={data.name!r}): {error}") \
+                    from error
+            if len(source) == 0:
+                raise ValueError(f"data set {data.name!r}: split {split!r} is empty")
+            self._sources[split] = source
+        return self._sources[split]
+
+    def source(self, split: str):
+        """The source of `split` for evaluators: '' = config.data.eval_split, 'train' = the training source."""
+        if split == "train":
+            return self.train_source
+        source = self._make_source(split or self.config.data.eval_split)
+        self._check_fields(source, split or self.config.data.eval_split)
+        return source
+
+    def _check_fields(self, source, split: str) -> None:
+        """The task's batch fields are in the source's examples (named with what it has), before any compute."""
+        have = set(source[0])
+        missing = [f for f in self.fields if f not in have]
+        if missing:
+            raise ValueError(f"task {self.config.task!r} needs batch fields {list(self.fields)}, but split {split!r} "
+                             f"of data set {self.config.data.name!r} gives {sorted(have)} (missing {missing})")
 
     # ----------------------------------------------------------------------------------------- state and steps
     def _sample_batch(self) -> dict:
@@ -191,6 +261,14 @@ class Trainer:
         self._abstract_state = jax.eval_shape(create, init_key)
         self._create_state = lambda: self._jit_create(create, init_key)
 
+    def initial_params(self) -> Any:
+        """This run's parameters at initialisation (step 0, before any `init_from`), sharded like the state's."""
+        sample = self._sample_batch()
+        init_key = jax.random.fold_in(self.root_key, PURPOSE_INIT)
+        with _mesh_context(self.mesh, self.rules):
+            return jax.jit(lambda k: nn.meta.unbox(self.task.init(k, sample))["params"],
+                           out_shardings=self.state_shardings.params)(init_key)
+
     def _jit_create(self, create: Callable, init_key: jax.Array) -> TrainState:
         with _mesh_context(self.mesh, self.rules):
             return jax.jit(create, out_shardings=self.state_shardings)(init_key)
@@ -201,13 +279,14 @@ class Trainer:
     def _make_train_step(self) -> Callable:
         task, tx, schedule = self.task, self.tx, self.schedule
         accum = self.config.optimizer.accum_steps
-        root_key = self.root_key
 
         def grads_of(params, batch, key, step):
             (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, key, True, step)
             return grads, dict(metrics, loss=loss)
 
-        def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        # The root key is an argument, not a constant of the program: a captured device array would be read back to
+        # the host when the step is traced, in the middle of the loop.
+        def train_step(state: TrainState, batch: dict, root_key: jax.Array) -> tuple[TrainState, dict]:
             step_key = jax.random.fold_in(jax.random.fold_in(root_key, PURPOSE_TRAIN), state.step)
             if accum == 1:
                 grads, metrics = grads_of(state.params, batch, step_key, state.step)
@@ -233,28 +312,14 @@ class Trainer:
             return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
         sample = self._sample_batch()
-        jitted = jax.jit(train_step, in_shardings=(self.state_shardings, self.batch_shardings(sample)),
-                         out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
-                         donate_argnums=0)
+        replicated = sharding_lib.replicated(self.mesh)
+        jitted = jax.jit(train_step, in_shardings=(self.state_shardings, self.batch_shardings(sample), replicated),
+                         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+        root_key = jax.device_put(self.root_key, replicated)
 
         def run(state, batch):
             with _mesh_context(self.mesh, self.rules):
-                return jitted(state, batch)
-        return run
-
-    def _make_eval_step(self) -> Callable:
-        task = self.task
-        replicated = sharding_lib.replicated(self.mesh)
-        jitted = {}
-
-        def run(params, batch):
-            key = tuple(sorted(batch))
-            if key not in jitted:
-                jitted[key] = jax.jit(task.eval_sums, in_shardings=(self.state_shardings.params,
-                                                                   self.batch_shardings(batch)),
-                                      out_shardings=replicated)
-            with _mesh_context(self.mesh, self.rules):
-                return jitted[key](params, batch)
+                return jitted(state, batch, root_key)
         return run
 
     def to_global(self, local_batch: dict) -> dict:
@@ -408,17 +473,24 @@ class Trainer:
         return (f"the learning rate at step {step} is now {new:.3g} (the schedule for total_steps="
                 f"{saved_total_steps} was at {old:.3g}); it follows the new schedule from here")
 
-    def evaluate(self, params: Any) -> dict:
-        """Metrics of one pass over the evaluation split (padded final batch is masked out)."""
-        sums = None
-        for local in pipeline.eval_batches(
-                self.eval_source, global_batch_size=self.config.eval_batch_size, image_size=self.config.data.image_size,
-                process_index=jax.process_index(), process_count=jax.process_count(),
-                num_examples=self.config.eval_examples if self.config.eval_examples > 0 else None,
-                num_threads=self.config.data.num_threads, prefetch=self.config.data.prefetch):
-            batch_sums = self.eval_step(params, self.to_global(local))
-            sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
-        return self.task.summarize(jax.device_get(sums))
+    def evaluate(self, params: Any, step: int, writer: Optional[MetricWriter] = None, *,
+                 final: bool = False) -> dict:
+        """Runs the evaluators due at `step` (all that run at all when `final`); writes their scalars as
+        '<name>/<metric>' and their images; returns the scalars."""
+        scalars = {}
+        for name, evaluator in self.evaluators.items():
+            every = int(self.config.evals[name].every)
+            if not (final or due(every, step, self.config.total_steps)):
+                continue
+            result = evaluator.run(params, step)
+            named = {f"{name}/{k}": v for k, v in result.scalars.items()}
+            scalars.update(named)
+            if writer is not None:
+                if named:
+                    writer.write_scalars(step, named)
+                for image_name, image in result.images.items():
+                    writer.write_image(step, image_name, image)
+        return scalars
 
     # ----------------------------------------------------------------------------------------------- the loop
     def _acquire_lock(self) -> workdir_lib.WorkdirLock:
@@ -485,50 +557,75 @@ class Trainer:
                             desc="train")
         train_metrics, eval_metrics, stopped_early, eval_step = {}, {}, False, None
         step = start_step
-        window_start, window_steps = time.perf_counter(), 0
+        window = {"start": time.perf_counter(), "first": step + 1, "acc": None}
+
+        def check_window(log: bool) -> dict:
+            """The only device-to-host transfer of training: at log steps the window's metric means, at other
+            sync points (evaluation, checkpoint, stop) just whether a loss was non-finite."""
+            if window["acc"] is None:
+                return {}
+            acc = window["acc"]
+            bad = jax.device_get({"nonfinite": acc["nonfinite"], "first_bad": acc["first_bad"]})
+            if int(bad["nonfinite"]):
+                loss_at = "NaN/Inf"
+                raise NonFiniteLossError(
+                    f"Training loss became {loss_at} at step {int(bad['first_bad'])} ({int(bad['nonfinite'])} "
+                    f"non-finite of the steps {window['first']}-{step} since the last log step); stopping. "
+                    + self._last_good_message(checkpointer))
+            if not log:
+                return {}
+            host = jax.device_get(acc)
+            count = max(int(host["steps"]), 1)
+            means = {k: float(v) / count for k, v in host["sums"].items()}
+            elapsed = time.perf_counter() - window["start"]
+            means["images_per_second"] = count * config.batch_size / max(elapsed, 1e-9)
+            window.update(start=time.perf_counter(), first=step + 1, acc=None)
+            return means
+
         try:
             for step_index, local_batch in self.train_loader.iterate(start_step):
                 if step >= config.total_steps:
                     break
                 assert step_index == step, (step_index, step)
-                state, metrics = self.train_step(state, self.to_global(local_batch))
-                metrics = jax.device_get(metrics)
-                step += 1
-                window_steps += 1
-                if not np.isfinite(metrics["loss"]):
-                    raise NonFiniteLossError(
-                        f"Training loss is {metrics['loss']} at step {step}; stopping. "
-                        + self._last_good_message(checkpointer))
-                if progress is not None:
-                    progress.update(1)
-                if step % config.log_every == 0 or step == config.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    train_metrics = {k: float(v) for k, v in metrics.items()}
-                    train_metrics["images_per_second"] = window_steps * config.batch_size / max(elapsed, 1e-9)
-                    writer.write_scalars(step, train_metrics, prefix="train")
+                next_step = step + 1
+                log = next_step % config.log_every == 0 or next_step == config.total_steps
+                evals_due = any(due(int(config.evals[name].every), next_step, config.total_steps)
+                                for name in self.evaluators)
+                save_due = next_step % config.checkpoint_every == 0 or next_step == config.total_steps
+                sync = log or evals_due or save_due
+                # A step that is not a sync point must not read anything back from the devices (asynchronous
+                # dispatch); `step_guard` lets a test forbid it for the whole iteration.
+                with contextlib.nullcontext() if sync else self.step_guard():
+                    state, metrics = self.train_step(state, self.to_global(local_batch))
+                    if window["acc"] is None:
+                        window["acc"] = _zero_accumulator(metrics)
+                    window["acc"] = self._accumulate(window["acc"], metrics, state.step)
+                    step = next_step
                     if progress is not None:
-                        progress.set_postfix(loss=f"{train_metrics['loss']:.4f}",
-                                             img_s=f"{train_metrics['images_per_second']:.0f}")
-                    window_start, window_steps = time.perf_counter(), 0
-                if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
-                    eval_metrics, eval_step = self.evaluate(state.params), step
-                    writer.write_scalars(step, eval_metrics, prefix="eval")
-                    window_start, window_steps = time.perf_counter(), 0
-                if step % config.checkpoint_every == 0 or step == config.total_steps:
-                    self._save_or_stop(save, step, state, checkpointer)
-                # At the last step training is complete and saved: a signal there lets the final evaluation run.
-                if step < config.total_steps and self._should_stop(stop["signal"] is not None, step - start_step):
-                    self._save_or_stop(save, step, state, checkpointer)
-                    stopped_early = True
-                    break
+                        progress.update(1)
+                    if sync:
+                        means = check_window(log)
+                        if means:
+                            train_metrics = means
+                            writer.write_scalars(step, means, prefix="train")
+                            if progress is not None:
+                                progress.set_postfix(loss=f"{means['loss']:.4f}",
+                                                     img_s=f"{means['images_per_second']:.0f}")
+                    if evals_due:
+                        eval_metrics, eval_step = self.evaluate(state.params, step, writer), step
+                        window["start"] = time.perf_counter()
+                    if save_due:
+                        self._save_or_stop(save, step, state, checkpointer)
+                    # At the last step training is complete and saved: a signal there lets the final evaluation
+                    # run. Several processes agree on stopping at sync steps only (the agreement is a collective).
+                    if step < config.total_steps and (sync or jax.process_count() == 1) \
+                            and self._should_stop(stop["signal"] is not None, step - start_step):
+                        check_window(log=False)
+                        self._save_or_stop(save, step, state, checkpointer)
+                        stopped_early = True
+                        break
             if not stopped_early:
-                eval_metrics, eval_step = self.evaluate(state.params), step
-                writer.write_scalars(step, eval_metrics, prefix="eval")
-                self._write_predictions(writer, state.params, step)
-                if config.probe.enabled:
-                    probe_metrics = self.probe(state.params)
-                    writer.write_scalars(step, probe_metrics, prefix="probe")
-                    eval_metrics.update({f"probe/{k}": v for k, v in probe_metrics.items()})
+                eval_metrics, eval_step = self.evaluate(state.params, step, writer, final=True), step
         finally:
             checkpointer.close()
             writer.close()
@@ -610,55 +707,6 @@ class Trainer:
         if jax.process_count() > 1:
             stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
         return stop
-
-    def probe(self, params: Any) -> dict:
-        """Linear probe and k-NN accuracy of the task's frozen features (`task.features`), and, with
-        `probe.random_init`, of the same model at this run's initialisation. Every process computes the same
-        numbers from replicated parameters (probes are small; this keeps them identical across hosts)."""
-        from maskjax.evaluate import probe as probe_lib
-
-        cfg, data = self.config.probe, self.config.data
-        replicated = sharding_lib.replicated(self.mesh)
-        feature_fn = self.task.features
-
-        def batches(source, limit):
-            return pipeline.eval_batches(source, global_batch_size=self.config.eval_batch_size,
-                                         image_size=data.image_size,
-                                         num_examples=min(limit, len(source)) if limit > 0 else None,
-                                         num_threads=data.num_threads, prefetch=data.prefetch)
-
-        def scores(model_params):
-            model_params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated)(model_params))
-            train = probe_lib.extract_features(feature_fn, model_params, batches(self.train_source, cfg.train_examples))
-            test = probe_lib.extract_features(feature_fn, model_params, batches(self.eval_source, cfg.eval_examples))
-            num_classes = self.config.model.num_classes
-            linear = probe_lib.linear_probe(*train, *test, num_classes=num_classes, seed=self.config.seed)
-            knn = probe_lib.knn_classifier(*train, *test, k=min(cfg.knn_k, len(train[1])), num_classes=num_classes)
-            return {"linear_accuracy": float(linear["test_accuracy"]), "knn_accuracy": float(knn["top1_accuracy"])}
-
-        out = scores(params)
-        if cfg.random_init:
-            sample = self._sample_batch()
-            init_key = jax.random.fold_in(self.root_key, PURPOSE_INIT)
-            with _mesh_context(self.mesh, self.rules):
-                initial = jax.jit(lambda k: nn.meta.unbox(self.task.init(k, sample))["params"])(init_key)
-            out.update({f"random_init_{k}": v for k, v in scores(initial).items()})
-        return out
-
-    def _write_predictions(self, writer: MetricWriter, params: Any, step: int) -> None:
-        count = self.config.num_visualize
-        if count <= 0:
-            return
-        # A replicated copy is readable on every process; only the main one draws.
-        params = jax.device_get(jax.jit(lambda p: p, out_shardings=sharding_lib.replicated(self.mesh))(params))
-        if not self.is_main:
-            return
-        batch = pipeline.EvalLoader(self.eval_source, global_batch_size=count, image_size=self.config.data.image_size,
-                                    num_examples=min(count, len(self.eval_source))).batch_at(0)
-        images, labels = batch["image"][batch["valid"]], batch["label"][batch["valid"]]
-        predictions = np.asarray(jax.jit(self.task.predict)(params, images))
-        gallery = self.task.visualize(images, labels, predictions, getattr(self.eval_source, "class_names", None))
-        writer.write_image(step, getattr(self.task, "gallery_name", "predictions"), gallery)
 
 
 def summary_lines(result: RunResult) -> list[str]:

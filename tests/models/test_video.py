@@ -134,12 +134,13 @@ def test_videomae_config_trains_and_bad_video_settings_are_named(tmp_path):
     from tests.configs import override
 
     c = videomae_builtin.get_config("runlocal")
-    c = override(c, progress_bar=False, total_steps=4, eval_every=4, checkpoint_every=4, log_every=1,
-                 probe__enabled=False, data__num_threads=0, num_visualize=2, async_checkpointing=False)
+    c = override(c, progress_bar=False, total_steps=4, evals__eval__every=4, checkpoint_every=4, log_every=1,
+                 evals__probe__every=-1, data__num_threads=0, evals__reconstructions__count=2,
+                 async_checkpointing=False)
     result = Trainer(c, str(tmp_path)).run()
     records = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
-    assert result.step == 4 and np.isfinite(result.eval_metrics["psnr"])
+    assert result.step == 4 and np.isfinite(result.eval_metrics["eval/psnr"])
     assert os.listdir(os.path.join(tmp_path, "images"))
     for overrides, message in [(dict(data__name="builtin_shapes"), "data.num_frames=4"),
                                (dict(model__tubelet_size=3), "data.num_frames=4: must be a multiple"),

@@ -21,9 +21,9 @@ from tests.configs import override
 def tiny_config(**overrides):
     c = mae_builtin.get_config("runlocal")
     c.progress_bar = False
-    c.eval_examples = 64
-    c.eval_batch_size = 32
-    c.num_visualize = 4
+    c.evals.eval.examples = 64
+    c.evals.eval.batch_size = 32
+    c.evals.reconstructions.count = 4
     c.data.num_threads = 0
     return override(c, **overrides)
 
@@ -56,12 +56,12 @@ def test_loss_is_the_masked_patch_mse_of_the_prediction(target):
 
 @pytest.mark.parametrize("kind", ["cls", "gap"])
 def test_probe_features_are_the_encoders_cls_token_or_patch_mean(kind):
-    task = MIMTask(tiny_config(probe__features=kind))
+    task = MIMTask(tiny_config())
     b = batch()
     params = nn.meta.unbox(task.init(jax.random.key(0), b))["params"]
     encoded = task.model.encoder.apply({"params": params["encoder"]}, b["image"])[1]["encoded"]
     want = encoded[:, 0] if kind == "cls" else encoded[:, task.model.encoder.num_prefix_tokens:].mean(1)
-    np.testing.assert_allclose(task.features(params, b["image"]), want, rtol=1e-6)
+    np.testing.assert_allclose(task.features(params, b, kind), want, rtol=1e-6)
 
 
 def test_reconstruction_keeps_visible_patches_and_psnr_matches_numpy():
@@ -83,13 +83,14 @@ def test_reconstruction_keeps_visible_patches_and_psnr_matches_numpy():
     (dict(mim__masking="attention", mim__masking_options={"scores": 1.0}), "config.mim.masking_options.scores"),
     (dict(mim__masking="blocky"), "config.mim.masking='blocky'"),
     (dict(mim__mask_ratio=1.0), "config.mim.mask_ratio=1.0"),
-    (dict(mim__mode="beit"), "mim.mode='beit'"),
+    (dict(model__mode="beit"), "model.mode='beit'"),
     (dict(mim__target="hog_features"), "mim.target='hog_features'"),
-    (dict(mim__decoder_width=30, mim__decoder_heads=4), "mim.decoder_width=30"),
-    (dict(loss__masksub_ratio=1.0), "loss.masksub_ratio=1.0"),
-    (dict(probe__features="max"), "probe.features='max'"),
-    (dict(model__class_token=False, model__pool="gap"), "probe.features='cls': needs model.class_token=True"),
-    (dict(loss__masksub_ratio=0.5, model__attention__mask="window_2d"), "loss.masksub_ratio=0.5: cannot be combined"),
+    (dict(model__decoder_width=30, model__decoder_heads=4), "model.decoder_width=30"),
+    (dict(evals__probe__features="max"), "evals.probe.features='max'"),
+    (dict(model__class_token=False), "evals.probe.features='cls': needs model.class_token=True"),
+    (dict(model__attention__mask="window_2d"), "model.attention.mask='window_2d': cannot apply with model.mode='mae'"),
+    (dict(model__num_classes=10), "Unknown config key 'model.num_classes'"),
+    (dict(classification={"label_smoothing": 0.1}), "config.classification is the section of task 'classification'"),
 ])
 def test_bad_mim_config_is_named(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -110,13 +111,13 @@ def test_masking_options_are_checked_against_the_strategy():
 
 
 def test_short_mae_run_lowers_the_loss_and_draws_reconstructions(tmp_path):
-    trainer = Trainer(tiny_config(total_steps=30, eval_every=0, checkpoint_every=30, data__train_examples=64,
-                                  probe__train_examples=64),
+    trainer = Trainer(tiny_config(total_steps=30, evals__eval__every=0, checkpoint_every=30, data__train_examples=64,
+                                  evals__probe__train_examples=64),
                       str(tmp_path))
     result = trainer.run()
     records = [r for r in map(__import__("json").loads, open(result.paths["metrics"])) if "train/loss" in r]
     assert records[-1]["train/loss"] < records[0]["train/loss"]
-    assert {"loss", "psnr"} <= set(result.eval_metrics)
+    assert {"eval/loss", "eval/psnr"} <= set(result.eval_metrics)
     probes = {"probe/linear_accuracy", "probe/knn_accuracy", "probe/random_init_linear_accuracy",
               "probe/random_init_knn_accuracy"}
     assert probes <= set(result.eval_metrics)
@@ -147,7 +148,7 @@ def test_masksub_adds_the_kl_of_a_masked_branch_to_the_main_prediction():
     c = vit_builtin.get_config("runlocal")
     c.model.drop_path_rate = 0.0
     plain = ClassificationTask(c.copy_and_resolve_references())
-    c.loss.masksub_ratio = 0.5
+    c.classification.masksub_ratio = 0.5
     task = ClassificationTask(c)
     b = {"image": batch()["image"], "label": jnp.array([0, 1, 2, 3])}
     params = nn.meta.unbox(task.init(jax.random.key(0), b))["params"]

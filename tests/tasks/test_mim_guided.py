@@ -28,8 +28,11 @@ load_params = ckpt_lib.load_params
 
 def tiny_config(**overrides):
     c = mae_builtin.get_config("runlocal")
-    c.progress_bar, c.eval_examples, c.eval_batch_size, c.num_visualize, c.data.num_threads = False, 64, 32, 0, 0
-    c.probe.enabled = False
+    c.progress_bar, c.data.num_threads = False, 0
+    c.evals.eval.examples, c.evals.eval.batch_size = 64, 32
+    for name in ("probe", "reconstructions", "predictions"):
+        if name in c.evals:
+            c.evals[name].every = -1
     return override(c, **overrides)
 
 
@@ -58,8 +61,7 @@ def numpy_cls_attention(model, params, x):
 
 @pytest.mark.parametrize("class_token", [True, False])
 def test_token_attention_scores_match_a_numpy_softmax(class_token):
-    model = vit_from_config(tiny_config(model__class_token=class_token,
-                                        model__pool="cls" if class_token else "gap").model).clone(num_classes=None)
+    model = vit_from_config(tiny_config(model__class_token=class_token).model)
     x = images()
     params = nn.meta.unbox(model.init(jax.random.key(1), x))["params"]
     got = np.asarray(token_attention_scores(model, params, x))
@@ -134,13 +136,13 @@ def test_hard_patch_masks_the_predicted_hardest_patches_and_trains_the_predictor
 
 @pytest.mark.parametrize("strategy", ["attention", "hard_patch"])
 def test_guided_strategies_train_through_the_trainer(tmp_path, strategy):
-    c = tiny_config(mim__masking=strategy, total_steps=6, log_every=1, eval_every=6, checkpoint_every=6,
+    c = tiny_config(mim__masking=strategy, total_steps=6, log_every=1, evals__eval__every=6, checkpoint_every=6,
                     optimizer__warmup_steps=1, async_checkpointing=False)
     result = Trainer(c, str(tmp_path)).run()
     records = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) == 6 and np.all(np.isfinite(losses))
-    assert result.step == 6 and np.isfinite(result.eval_metrics["loss"])
+    assert result.step == 6 and np.isfinite(result.eval_metrics["eval/loss"])
     if strategy == "hard_patch":  # the easy-to-hard schedule is visible in the logged metric
         fractions = [r["train/hard_fraction"] for r in records if "train/hard_fraction" in r]
         np.testing.assert_allclose(fractions, [(s + 1) / 6 * 0.5 for s in range(6)], rtol=1e-5)
@@ -151,8 +153,9 @@ def teacher_run(tmp_path_factory):
     """A tiny supervised ViT run (2 steps) whose checkpoint serves as the teacher."""
     workdir = str(tmp_path_factory.mktemp("teacher"))
     c = vit_builtin.get_config("runlocal")
-    c.progress_bar, c.eval_examples, c.eval_batch_size, c.num_visualize, c.data.num_threads = False, 32, 32, 0, 0
-    c = override(c, total_steps=2, checkpoint_every=2, eval_every=0, optimizer__warmup_steps=1,
+    c.progress_bar, c.data.num_threads = False, 0
+    c = override(c, total_steps=2, checkpoint_every=2, evals__eval__every=0, evals__eval__examples=32,
+                 evals__eval__batch_size=32, evals__predictions__every=-1, optimizer__warmup_steps=1,
                  async_checkpointing=False, model__width=48, model__num_heads=3)
     Trainer(c, workdir).run()
     return workdir, c

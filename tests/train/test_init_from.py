@@ -15,15 +15,18 @@ from tests.configs import override
 
 
 def quiet(c, **overrides):
-    c.progress_bar, c.eval_examples, c.eval_batch_size, c.num_visualize, c.data.num_threads = False, 64, 32, 0, 0
-    c.probe.enabled = False
+    c.progress_bar, c.data.num_threads = False, 0
+    c.evals.eval.examples, c.evals.eval.batch_size = 64, 32
+    for name in ("probe", "reconstructions", "predictions"):
+        if name in c.evals:
+            c.evals[name].every = -1
     return override(c, **overrides)
 
 
 @pytest.fixture(scope="module")
 def mae_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("mae"))
-    c = quiet(mae_builtin.get_config("runlocal"), total_steps=4, checkpoint_every=4, eval_every=0,
+    c = quiet(mae_builtin.get_config("runlocal"), total_steps=4, checkpoint_every=4, evals__eval__every=0,
               optimizer__warmup_steps=1, async_checkpointing=False)
     Trainer(c, workdir).run()
     source = ckpt_lib.Checkpointer(workdir, async_save=False)

@@ -18,8 +18,9 @@ from tests.train.test_trainer import tiny_config
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COMMON = ["--config=configs/vit_builtin.py:runlocal", "--config.progress_bar=False", "--config.eval_every=0",
-          "--config.eval_examples=100", "--config.eval_batch_size=20", "--config.num_visualize=0",
+COMMON = ["--config=configs/vit_builtin.py:runlocal", "--config.progress_bar=False", "--config.evals.eval.every=0",
+          "--config.evals.eval.examples=100", "--config.evals.eval.batch_size=20",
+          "--config.evals.predictions.every=-1",
           "--config.log_every=1"]
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from maskjax.train import checkpoint as ckpt_lib
 from maskjax.train import workdir as workdir_lib
+from maskjax.train.config import eval_config
 from maskjax.train.metrics import read_jsonl
 from maskjax.train.trainer import NonFiniteLossError, ResumeError, Trainer
 from tests.train.test_trainer import tiny_config
@@ -23,8 +24,8 @@ STEPS = 6
 
 
 def config(**overrides):
-    defaults = dict(total_steps=STEPS, checkpoint_every=3, keep_checkpoints=5, eval_every=0, log_every=1,
-                    eval_examples=40, num_visualize=0, async_checkpointing=False, model__depth=1,
+    defaults = dict(total_steps=STEPS, checkpoint_every=3, keep_checkpoints=5, evals__eval__every=0, log_every=1,
+                    evals__eval__examples=40, evals__predictions__every=-1, async_checkpointing=False, model__depth=1,
                     optimizer__warmup_steps=1)
     return tiny_config(**{**defaults, **overrides})
 
@@ -237,10 +238,10 @@ def test_force_resumes_a_changed_seed_but_never_a_changed_shape(finished_run, tm
 
 def test_safe_changes_resume_and_are_recorded_with_the_schedule_change(finished_run, tmp_path, capsys):
     workdir = copy_run(finished_run, tmp_path)
-    result = trainer(workdir, total_steps=STEPS + 2, eval_examples=20, log_every=2, mesh__data=1).run()
+    result = trainer(workdir, total_steps=STEPS + 2, evals__eval__examples=20, log_every=2, mesh__data=1).run()
     assert result.step == STEPS + 2
     (record,) = [r for r in history(workdir) if r["event"] == "resume"]
-    assert record["changes"] == {"total_steps": [STEPS, STEPS + 2], "eval_examples": [40, 20], "log_every": [1, 2],
+    assert record["changes"] == {"total_steps": [STEPS, STEPS + 2], "evals.eval.examples": [40, 20], "log_every": [1, 2],
                                  "mesh.data": [-1, 1]}
     err = capsys.readouterr().err
     assert "total_steps 6 -> 8: the learning rate at step 6" in err and record["notes"]
@@ -287,7 +288,7 @@ def test_stale_locks_are_taken_over_with_a_warning(tmp_path, capsys):
 
 def test_the_lock_is_released_when_the_run_fails(tmp_path):
     t = trainer(tmp_path)
-    t.evaluate = lambda params: (_ for _ in ()).throw(RuntimeError("boom"))
+    t.evaluate = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
     with pytest.raises(RuntimeError, match="boom"):
         t.run()
     assert not os.path.exists(tmp_path / workdir_lib.LOCK_NAME)
@@ -331,7 +332,7 @@ def test_sigterm_at_the_last_step_still_runs_the_final_evaluation(tmp_path):
     signal_at(t, STEPS, signal.SIGTERM)
     result = t.run()
     assert not result.stopped_early and not result.preempted and result.stop_signal == "SIGTERM"
-    assert result.eval_step == STEPS and "loss" in result.eval_metrics
+    assert result.eval_step == STEPS and "eval/loss" in result.eval_metrics
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval/loss" in r] == [STEPS]
 
 
@@ -347,9 +348,11 @@ def test_ctrl_c_saves_a_checkpoint_and_stops_like_sigterm(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(eval_examples=5_001), "config.eval_examples=5001 exceeds the 5000 examples of split 'validation'"),
-    (dict(probe__enabled=True, data__train_examples=64, probe__train_examples=100),
-     "config.probe.train_examples=100 exceeds the 64 examples (config.data.train_examples) of split 'train'"),
+    (dict(evals__eval__examples=5_001), "config.evals.eval.examples=5001 exceeds the 5000 examples of split "
+                                        "'validation'"),
+    (dict(evals__predictions__count=5_001), "config.evals.predictions.count=5001 exceeds the 5000 examples"),
+    (dict(data__train_examples=64, evals__probe=eval_config({"type": "probe", "train_examples": 100})),
+     "config.evals.probe.train_examples=100 exceeds the 64 examples of split 'train'"),
 ])
 def test_counts_are_checked_against_the_data_before_any_compute(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

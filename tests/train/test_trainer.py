@@ -1,7 +1,9 @@
 """The trainer: learning, sharding equivalence, accumulation, checkpoints, NaN handling (8 fake CPU devices)."""
 
+import contextlib
 import json
 import os
+from unittest import mock
 
 import jax
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 
 from configs import vit_builtin
 from maskjax.train import checkpoint as ckpt_lib
+from maskjax.train.metrics import read_jsonl
 from maskjax.train.trainer import NonFiniteLossError, Trainer
 from tests.configs import override
 
@@ -17,9 +20,9 @@ def tiny_config(**overrides):
     """The runlocal config, quieter and smaller; overrides use '__' for nesting."""
     c = vit_builtin.get_config("runlocal")
     c.progress_bar = False
-    c.eval_examples = 200
-    c.eval_batch_size = 40
-    c.num_visualize = 4
+    c.evals.eval.examples = 200
+    c.evals.eval.batch_size = 40
+    c.evals.predictions.count = 4
     c.data.num_threads = 0
     return override(c, **overrides)
 
@@ -38,7 +41,7 @@ def run_steps(trainer, num_steps):
 
 def test_short_run_lowers_the_loss(tmp_path):
     # 64 fixed images without augmentation: 40 steps must fit them (the full data set needs far longer).
-    trainer = Trainer(tiny_config(total_steps=40, eval_every=20, checkpoint_every=40, data__train_examples=64,
+    trainer = Trainer(tiny_config(total_steps=40, evals__eval__every=20, checkpoint_every=40, data__train_examples=64,
                                   data__augment=False, model__variant="Ti/8", model__depth=2,
                                   model__drop_path_rate=0.0, optimizer__warmup_steps=2), str(tmp_path))
     result = trainer.run()
@@ -47,7 +50,7 @@ def test_short_run_lowers_the_loss(tmp_path):
     assert [r["step"] for r in records if "train/loss" in r] == list(range(5, 41, 5))
     assert train_losses[-1] < 0.5 * train_losses[0], train_losses
     assert [r["step"] for r in records if "eval/accuracy" in r] == [20, 40]
-    assert 0.0 <= result.eval_metrics["accuracy"] <= 1.0 and np.isfinite(result.eval_metrics["loss"])
+    assert 0.0 <= result.eval_metrics["eval/accuracy"] <= 1.0 and np.isfinite(result.eval_metrics["eval/loss"])
     assert os.listdir(result.paths["tensorboard"]), "no TensorBoard event file"
     assert any(name.endswith(".png") for name in os.listdir(result.paths["images"]))
     assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() == 40
@@ -91,7 +94,7 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
 
 
 def test_restore_onto_another_mesh(tmp_path):
-    writer = Trainer(tiny_config(total_steps=3, checkpoint_every=3, eval_every=0, num_visualize=0,
+    writer = Trainer(tiny_config(total_steps=3, checkpoint_every=3, evals__eval__every=0, evals__predictions__every=-1,
                                  optimizer__warmup_steps=1,
                                  mesh__data=1, mesh__fsdp=8), str(tmp_path))
     writer.run()
@@ -109,7 +112,7 @@ def test_restore_onto_another_mesh(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    trainer = Trainer(tiny_config(total_steps=30, checkpoint_every=2, eval_every=0, async_checkpointing=False),
+    trainer = Trainer(tiny_config(total_steps=30, checkpoint_every=2, evals__eval__every=0, async_checkpointing=False),
                       str(tmp_path))
     honest_step = trainer.train_step
 
@@ -123,3 +126,81 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match="step 5.*last good checkpoint is step 4"):
         trainer.run()
     assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [2, 4]
+
+
+@contextlib.contextmanager
+def no_device_to_host_reads():
+    """JAX's transfer guard (which catches every device-to-host copy on TPU/GPU), plus a patch of the ways a jax
+    Array is read on the host, so that the CPU, where the guard sees no transfer, also fails. (np.asarray of a CPU
+    array reads its buffer directly and is not caught here.)"""
+    from jax._src import array
+
+    def forbidden(*_, **__):
+        raise AssertionError("a device-to-host read in a step that is not a log step")
+
+    patches = [mock.patch.object(jax, "device_get", forbidden),
+               mock.patch.object(array.ArrayImpl, "_value", property(forbidden))]
+    patches += [mock.patch.object(array.ArrayImpl, name, forbidden)
+                for name in ("__array__", "__float__", "__int__", "__bool__", "__index__", "item", "tolist")]
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        stack.enter_context(jax.transfer_guard_device_to_host("disallow"))
+        yield
+
+
+def test_the_guard_catches_the_reads_of_a_per_step_fetch():
+    metrics = {"loss": jax.numpy.ones(()) * 2}
+    for read in (lambda: jax.device_get(metrics), lambda: float(metrics["loss"]),
+                 lambda: np.isfinite(metrics["loss"].item())):
+        with pytest.raises(AssertionError, match="device-to-host"), no_device_to_host_reads():
+            read()
+
+
+def test_steps_between_log_points_never_read_from_the_devices(tmp_path):
+    trainer = Trainer(tiny_config(total_steps=9, log_every=3, checkpoint_every=9, evals__eval__every=0,
+                                  evals__predictions__every=-1), str(tmp_path), devices=jax.devices()[:2])
+    guarded = []
+
+    def guard():
+        guarded.append(True)
+        return no_device_to_host_reads()
+
+    trainer.step_guard = guard
+    result = trainer.run()
+    assert len(guarded) == 6  # steps 1, 2, 4, 5, 7, 8; steps 3, 6, 9 log
+    records = [r for r in read_jsonl(result.paths["metrics"]) if "train/loss" in r]
+    assert [r["step"] for r in records] == [3, 6, 9]
+
+
+def test_logged_metrics_are_window_means(tmp_path):
+    config = tiny_config(total_steps=6, log_every=3, checkpoint_every=6, evals__eval__every=0,
+                         evals__predictions__every=-1, optimizer__schedule="warmup_linear", optimizer__warmup_steps=3)
+    trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:1])
+    _, losses = run_steps(Trainer(config, str(tmp_path / "ref"), devices=jax.devices()[:1]), 6)
+    result = trainer.run()
+    records = [r for r in read_jsonl(result.paths["metrics"]) if "train/loss" in r]
+    np.testing.assert_allclose([r["train/loss"] for r in records], [losses[:3].mean(), losses[3:].mean()],
+                               rtol=1e-5)
+    schedule = trainer.schedule
+    np.testing.assert_allclose(records[0]["train/learning_rate"], np.mean([schedule(s) for s in range(3)]),
+                               rtol=1e-6)
+
+
+def test_a_non_finite_loss_between_log_steps_is_caught_before_the_next_save(tmp_path):
+    trainer = Trainer(tiny_config(total_steps=20, log_every=10, checkpoint_every=4, evals__eval__every=0,
+                                  evals__predictions__every=-1, async_checkpointing=False), str(tmp_path),
+                      devices=jax.devices()[:1])
+    honest_step = trainer.train_step
+
+    def step_that_diverges_at_6(state, batch):
+        state, metrics = honest_step(state, batch)
+        if int(state.step) in (6, 7):
+            metrics = dict(metrics, loss=np.float32(np.inf))
+        return state, metrics
+
+    trainer.train_step = step_that_diverges_at_6
+    with pytest.raises(NonFiniteLossError, match=r"at step 6 \(2 non-finite of the steps 1-8 since the last log step.*last good "
+                                                 r"checkpoint is step 4"):
+        trainer.run()
+    assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [4]
