@@ -7,9 +7,11 @@ from typing import Optional
 
 import chex
 import jax
+import jax.numpy as jnp
 
 from maskjax.attention.approx import APPROX_MODES, approx_attention
 from maskjax.attention.blocked import blocked_attention
+from maskjax.attention.checks import check_floating_qkv
 from maskjax.attention.masks import Causal, Mask, as_mask
 from maskjax.attention.reference import reference_attention
 from maskjax.attention.score_mods import ScoreMod, as_score_mod
@@ -57,9 +59,14 @@ def attention(
 
     Args:
       q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim] (heads % kv_heads == 0).
+      q, k, v must be real floating point (integer inputs raise a ValueError).
       mask: None, a ``Mask`` from ``maskjax.attention.masks`` (causal(), window_2d(...), ...), or a bool
-        array broadcastable to [batch, heads, q_len, k_len] (True = attend).
-      bias: additive logits broadcastable to [batch, heads, q_len, k_len] (differentiable).
+        array broadcastable to [batch, heads, q_len, k_len] (True = attend; an integer array means
+        nonzero = attend). Floating-point mask arrays raise a ValueError: a PyTorch-style additive mask
+        (0 = keep, -inf = drop) goes in ``bias=``, e.g. ``bias=jnp.where(keep, 0., -jnp.inf)``, or pass
+        the bool keep-mask itself, ``mask=keep``.
+      bias: additive logits broadcastable to [batch, heads, q_len, k_len] (differentiable); -inf entries
+        exclude keys like a mask does.
       scale: logit scale, default 1/sqrt(head_dim).
       score_mod: a ``ScoreMod`` (score_mods.py) applied after the bias, before the mask.
       backend: 'reference' (dense XLA), 'blocked' (XLA, non-empty tiles only), 'pallas' (flash kernels:
@@ -74,8 +81,12 @@ def attention(
         key-padding array broadcastable to [batch, 1, 1, k_len]; no bias or score_mod.
 
     Returns:
-      [batch, q_len, heads, head_dim] in q's dtype. Fully masked query rows give zeros and zero
-      gradients in every backend.
+      [batch, q_len, heads, head_dim] in q's dtype. Query rows with no finite logit (fully masked by
+      ``mask``, ``bias=-inf`` or a ``score_mod`` returning -inf) give zeros and zero gradients in every
+      backend. NaN inputs are never hidden: NaN in q row i gives NaN in output row i (if the row attends
+      any key), NaN in k or v gives NaN in every row that attends that key (NaN in v may also reach rows
+      that mask that key: 0 * NaN in the weighted sum). q_len == 0 gives an empty result; k_len == 0
+      gives zeros (every row is empty).
 
     Example::
 
@@ -83,6 +94,7 @@ def attention(
     """
     chex.assert_rank([q, k, v], 4)
     chex.assert_equal_shape([k, v])
+    check_floating_qkv("attention", q, k, v)
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
         raise ValueError(
             f"attention: incompatible shapes q={q.shape}, k={k.shape}; expected "
@@ -138,7 +150,11 @@ def _approx(q, k, v, mask, mask_obj, bias, score_mod, scale, mode, degree, windo
     if isinstance(mask_obj, Causal) and mask_obj.offset == 0:
         causal_flag = True
     elif mask is not None and not isinstance(mask, Mask):
-        key_padding = mask  # approx_attention checks that it is a [batch, 1, 1, k_len] key-padding mask
+        # approx_attention checks that it is a [batch, 1, 1, k_len] key-padding mask; it takes bools only,
+        # so integer masks get the meaning they have in the other backends (nonzero = attend) here.
+        key_padding = jnp.asarray(mask)
+        if key_padding.dtype != jnp.bool_:
+            key_padding = key_padding != 0
     elif mask_obj is not None:
         raise ValueError(f"attention: backend='approx' supports mask=None, causal() or a boolean key-padding "
                          f"array, got {type(mask_obj).__name__}; use backend='blocked' for other masks")
