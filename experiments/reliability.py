@@ -438,10 +438,11 @@ def row_10(out):
                       (r"step 4 ->.*digest", proc.stderr), (r"step 8 ->.*digest", proc.stderr)]))
     proc = cli(w)  # The same command again, as a user (or a scheduler's requeue) would.
     row = Row("10f", "rerun after 10e", "none (the workdir as 10e left it)", shown(proc.args, w),
-              **report(proc, w, r"^No checkpoint|^Error|^WARNING", r"^Finished|^Error"))
-    out.append(judge(row, [("4 and 8 still in W/damaged_checkpoints/", moved_aside(w) == damaged),
-                           ("earlier attempt's metrics.jsonl rows kept", open(os.path.join(w, "metrics.jsonl"))
-                            .read().startswith(metrics))], [("starting from scratch", proc.stderr)]))
+              **report(proc, w, r"^Error"))
+    out.append(judge(row, [("rc=1", proc.returncode == 1),
+                           ("4 and 8 still in W/damaged_checkpoints/", moved_aside(w) == damaged),
+                           ("metrics.jsonl unchanged", open(os.path.join(w, "metrics.jsonl")).read() == metrics)],
+                     [("damaged_checkpoints", proc.stderr), ("another --workdir", proc.stderr)]))
 
 
 def row_tmp_dir(out):
@@ -451,10 +452,10 @@ def row_tmp_dir(out):
     open(os.path.join(leftover, "partial"), "w").write("half a save")
     proc = cli(w)
     row = Row("tmp_dir", "temp directory of a save that never completed", "mkdir W/checkpoints/12.orbax-checkpoint-"
-              "tmp (+ a file) in a finished run", shown(proc.args, w), **report(proc, w, r"^Resuming|^Error|WARNING"))
+              "tmp (+ a file) in a finished run", shown(proc.args, w), **report(proc, w, r"^Removing|^Error|WARNING"))
     out.append(judge(row, [("rc=0", proc.returncode == 0), ("removed", not os.path.exists(leftover)),
                            ("checkpoints 4, 8", steps(w) == [4, 8]), ("eval at 8 once", logged(w, "eval/loss") == [8])],
-                     [("12.orbax-checkpoint-tmp", proc.stderr + proc.stdout)], names_needed=False))
+                     [("12.orbax-checkpoint-tmp", proc.stderr + proc.stdout)]))
 
 
 def row_dup_metrics(out):
