@@ -1,20 +1,22 @@
-"""The single attention entry point used by every model."""
+"""The single attention entry point used by every model, and the choice made by ``backend='auto'``."""
 
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Any, Optional
 
 import chex
 import jax
+import jax.numpy as jnp
 
 from maskjax.attention.approx import APPROX_MODES, approx_attention
 from maskjax.attention.blocked import blocked_attention
+from maskjax.attention.checks import check_floating_qkv
 from maskjax.attention.masks import Causal, Mask, as_mask
 from maskjax.attention.reference import reference_attention
 from maskjax.attention.score_mods import ScoreMod, as_score_mod
 
-BACKENDS = ("auto", "reference", "blocked", "pallas", "approx")
+BACKENDS = ("auto", "reference", "blocked", "pallas", "splash", "cudnn", "approx")
 # Below this many score elements per (batch, head) the dense path is cheaper than any tiling.
 _SMALL = 256 * 256
 
@@ -33,6 +35,47 @@ def _pallas_unsupported(module, q, k, v, mask, mod, block_q, block_k, interpret)
         return f"mixed dtypes q={q.dtype}, k={k.dtype}, v={v.dtype}"
     return module.unsupported_reason(q.shape, k.shape, q.dtype, mask, mod, block_q=block_q, block_k=block_k,
                                      interpret=bool(interpret))
+
+
+def _platform() -> str:
+    """The default device platform ('cpu', 'gpu', 'tpu'); a function so tests can pretend to be elsewhere."""
+    return jax.default_backend()
+
+
+def auto_backend_reason(platform: str, q: Any, k: Any, v: Any, mask=None, bias=None, score_mod=None, *,
+                        block_q: Optional[int] = None, block_k: Optional[int] = None) -> tuple[str, str]:
+    """(backend, why) for ``attention(backend='auto')`` on ``platform`` ('tpu', 'gpu', 'cpu', ...).
+
+    q, k, v may be arrays or ``jax.ShapeDtypeStruct`` (only shapes and dtypes are read); mask, bias and
+    score_mod as in :func:`attention`. Pure: no device is queried. See :func:`choose_backend`.
+    """
+    mask_obj = as_mask(mask)
+    mod = as_score_mod(score_mod, bias)
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    if platform == "tpu":
+        from maskjax.attention import splash
+        why = splash.unsupported_reason(q.shape, k.shape, dtypes, mask_obj, mod, block_q=block_q, block_k=block_k)
+        return ("blocked", why) if why else ("splash", "splash attention supports this mask and shape")
+    if platform == "gpu":
+        from maskjax.attention import cudnn
+        why = cudnn.unsupported_reason(q.shape, k.shape, dtypes, mask_obj, mod)
+        return ("blocked", why) if why else ("cudnn", "cuDNN flash attention supports this case")
+    if mask_obj is not None and q.shape[1] * k.shape[1] > _SMALL:
+        return "blocked", f"a mask on a large problem ({q.shape[1]} x {k.shape[1]} scores per head) on {platform}"
+    return "reference", f"no mask or a small problem on {platform}"
+
+
+def choose_backend(platform: str, q: Any, k: Any, v: Any, mask=None, bias=None, score_mod=None, *,
+                   block_q: Optional[int] = None, block_k: Optional[int] = None) -> str:
+    """The backend ``attention(backend='auto')`` runs on ``platform``.
+
+    Until maskjax's own Pallas kernels have run on hardware, accelerators use the most trusted kernels:
+    TPU: 'splash' (JAX's splash attention) when the mask maps onto splash masks and segment ids, else 'blocked';
+    GPU: 'cudnn' (``jax.nn.dot_product_attention(implementation='cudnn')``) for no mask / causal / left window /
+    lengths in float16 or bfloat16, else 'blocked'; CPU (and anything else): 'reference' for no mask or small
+    problems, else 'blocked'. ``backend='pallas'`` is never chosen automatically.
+    """
+    return auto_backend_reason(platform, q, k, v, mask, bias, score_mod, block_q=block_q, block_k=block_k)[0]
 
 
 def attention(
@@ -57,25 +100,44 @@ def attention(
 
     Args:
       q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim] (heads % kv_heads == 0).
+      q, k, v must be real floating point (integer inputs raise a ValueError).
       mask: None, a ``Mask`` from ``maskjax.attention.masks`` (causal(), window_2d(...), ...), or a bool
-        array broadcastable to [batch, heads, q_len, k_len] (True = attend).
-      bias: additive logits broadcastable to [batch, heads, q_len, k_len] (differentiable).
+        array broadcastable to [batch, heads, q_len, k_len] (True = attend; an integer array means
+        nonzero = attend). Floating-point mask arrays raise a ValueError: a PyTorch-style additive mask
+        (0 = keep, -inf = drop) goes in ``bias=``, e.g. ``bias=jnp.where(keep, 0., -jnp.inf)``, or pass
+        the bool keep-mask itself, ``mask=keep``.
+      bias: additive logits broadcastable to [batch, heads, q_len, k_len] (differentiable); -inf entries
+        exclude keys like a mask does.
       scale: logit scale, default 1/sqrt(head_dim).
       score_mod: a ``ScoreMod`` (score_mods.py) applied after the bias, before the mask.
-      backend: 'reference' (dense XLA), 'blocked' (XLA, non-empty tiles only), 'pallas' (flash kernels:
-        TPU Mosaic / GPU Triton; interpret mode on CPU) or 'auto' (pallas on TPU/GPU when the kernel
-        supports the mask; on CPU dense for small problems or no mask, else blocked).
-      block_q, block_k: tile sizes for 'blocked' / 'pallas' (default 128, 128; GPU pallas 64, 64).
+      backend: 'auto' (below), 'reference' (dense XLA), 'blocked' (XLA, non-empty tiles only), 'splash'
+        (JAX's TPU splash attention kernel, ``splash.py``), 'cudnn' (cuDNN flash attention through
+        ``jax.nn.dot_product_attention``, ``cudnn.py``), 'pallas' (maskjax's own flash kernels, TPU Mosaic /
+        GPU Triton: opt-in, run in interpret mode and proven to lower, not yet run on hardware) or 'approx'.
+        'auto' (``choose_backend``): on TPU 'splash' when the mask maps onto splash's masks (full, causal,
+        local window, static dense / other static per-head masks, segment ids and lengths, static or
+        traced), else 'blocked'; on GPU 'cudnn' for float16/bfloat16 with no mask, causal, a causal left
+        window or lengths, else 'blocked'; on CPU dense for small problems or no mask, else blocked. bias,
+        score_mod, query masks and other traced masks always mean 'blocked' on accelerators.
+      block_q, block_k: tile sizes for 'blocked' / 'pallas' / 'splash' (default 128, 128; GPU pallas 64, 64;
+        splash: multiples of 128 dividing the lengths).
       block_map: optional precomputed block map (blocked backend), e.g. static for a traced mask.
-      interpret: pallas interpret mode (default: True on CPU).
+      interpret: pallas / splash interpret mode (default: True on CPU).
       approx_mode, approx_degree, approx_window: backend='approx' (polynomial low-rank attention,
         ``approx.approx_attention``): mode 'lowrank' | 'exact_fwd' | 'paper', even Taylor degree, and the
         width of the exactly computed local window (None: none). Its masks: None, ``causal()`` or a boolean
         key-padding array broadcastable to [batch, 1, 1, k_len]; no bias or score_mod.
 
     Returns:
-      [batch, q_len, heads, head_dim] in q's dtype. Fully masked query rows give zeros and zero
-      gradients in every backend.
+      [batch, q_len, heads, head_dim] in q's dtype. Query rows with no finite logit (fully masked by
+      ``mask``, ``bias=-inf`` or a ``score_mod`` returning -inf) give zeros and zero gradients in every
+      backend. splash and cuDNN leave such rows undefined themselves; maskjax makes them zero: on 'splash'
+      with a per-head attention sink of logit -1e30 that takes all the weight of an empty row (and none of
+      any other row), on 'cudnn' from the rows' allowed ranges, computed from the mask (band and lengths).
+      NaN inputs are never hidden: NaN in q row i gives NaN in output row i (if the row attends any key),
+      NaN in k or v gives NaN in every row that attends that key (NaN in v may also reach rows that mask
+      that key: 0 * NaN in the weighted sum). q_len == 0 gives an empty result; k_len == 0
+      gives zeros (every row is empty).
 
     Example::
 
@@ -83,6 +145,7 @@ def attention(
     """
     chex.assert_rank([q, k, v], 4)
     chex.assert_equal_shape([k, v])
+    check_floating_qkv("attention", q, k, v)
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
         raise ValueError(
             f"attention: incompatible shapes q={q.shape}, k={k.shape}; expected "
@@ -92,9 +155,7 @@ def attention(
     mask_obj = as_mask(mask)
     if score_mod is not None and not isinstance(score_mod, ScoreMod):
         raise ValueError(f"attention: score_mod must be a ScoreMod, got {type(score_mod).__name__}")
-    platform = jax.default_backend()
-    batch, q_len, heads, _ = q.shape
-    k_len = k.shape[1]
+    platform = _platform()
 
     mod = as_score_mod(score_mod, bias)
     default_block = 64 if platform == "gpu" else 128
@@ -104,17 +165,19 @@ def attention(
     if backend == "approx":
         return _approx(q, k, v, mask, mask_obj, bias, score_mod, scale, approx_mode, approx_degree, approx_window)
     if backend == "auto":
-        backend = "reference"
-        if platform in ("tpu", "gpu"):
-            try:
-                module = _pallas_module(platform)
-                ok = not _pallas_unsupported(module, q, k, v, mask_obj, mod, **pallas_kwargs)
-            except ValueError:
-                ok = False
-            backend = "pallas" if ok else "blocked"
-        elif mask_obj is not None and q_len * k_len > _SMALL:
-            backend = "blocked"
+        backend = choose_backend(platform, q, k, v, mask_obj, bias, score_mod, block_q=block_q, block_k=block_k)
 
+    if backend == "splash":
+        from maskjax.attention.splash import splash_attention
+        if mod is not None:
+            raise ValueError("attention: backend='splash' cannot run this case: bias / score_mod; use 'blocked'")
+        return splash_attention(q, k, v, mask_obj, scale=scale, block_q=block_q, block_k=block_k,
+                                interpret=pallas_kwargs["interpret"])
+    if backend == "cudnn":
+        from maskjax.attention.cudnn import cudnn_attention
+        if mod is not None:
+            raise ValueError("attention: backend='cudnn' cannot run this case: bias / score_mod; use 'blocked'")
+        return cudnn_attention(q, k, v, mask_obj, scale=scale)
     if backend == "reference":
         return reference_attention(q, k, v, mask if not isinstance(mask, Mask) else mask_obj, bias,
                                    scale=scale, score_mod=score_mod)
@@ -138,7 +201,11 @@ def _approx(q, k, v, mask, mask_obj, bias, score_mod, scale, mode, degree, windo
     if isinstance(mask_obj, Causal) and mask_obj.offset == 0:
         causal_flag = True
     elif mask is not None and not isinstance(mask, Mask):
-        key_padding = mask  # approx_attention checks that it is a [batch, 1, 1, k_len] key-padding mask
+        # approx_attention checks that it is a [batch, 1, 1, k_len] key-padding mask; it takes bools only,
+        # so integer masks get the meaning they have in the other backends (nonzero = attend) here.
+        key_padding = jnp.asarray(mask)
+        if key_padding.dtype != jnp.bool_:
+            key_padding = key_padding != 0
     elif mask_obj is not None:
         raise ValueError(f"attention: backend='approx' supports mask=None, causal() or a boolean key-padding "
                          f"array, got {type(mask_obj).__name__}; use backend='blocked' for other masks")

@@ -45,6 +45,7 @@ import numpy as np
 from maskjax.attention import masks
 from maskjax.attention.approx_features import feature_rank, taylor_exp, taylor_features
 from maskjax.attention.blocked import blocked_attention
+from maskjax.attention.checks import check_floating_qkv, has_zero_length, zero_length_output
 from maskjax.attention.reference import reference_attention
 
 APPROX_MODES = ("lowrank", "exact_fwd", "paper")
@@ -565,6 +566,7 @@ def approx_attention(
       [batch, q_len, heads, head_dim] in q's dtype; computed in float32. Rows without allowed keys give zeros.
     """
     chex.assert_rank([q, k, v], 4)
+    check_floating_qkv("approx_attention", q, k, v)
     if approx_mode not in APPROX_MODES:
         raise ValueError(f"approx_attention: approx_mode must be one of {APPROX_MODES}, got {approx_mode!r}")
     if not isinstance(degree, (int, np.integer)) or isinstance(degree, bool) or degree < 2 or degree % 2:
@@ -588,6 +590,8 @@ def approx_attention(
         raise ValueError(
             f"approx_attention: causal/window need q_len == k_len, got q_len={q_len}, k_len={k_len}")
     valid = _key_valid(mask, batch, k_len)
+    if has_zero_length(q, k):
+        return zero_length_output(q)  # block sizes would clip to 0; k_len == 0: every row is fully masked
 
     scale = head_dim ** -0.5 if scale is None else float(scale)
     root = math.sqrt(scale) if scale >= 0 else None

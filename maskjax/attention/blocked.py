@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskjax.attention import block_map as bmap
+from maskjax.attention.checks import check_floating_qkv, has_zero_length, zero_length_output
 from maskjax.attention.masks import Full, as_mask
 from maskjax.attention.score_mods import ScoreMod, as_score_mod
 
@@ -258,8 +259,12 @@ def _forward_bh(cfg, b, h, trees, arrays, shared):
 
         state = _chunk_loop(meta, parr, cnt, body, state)
     m, l, acc, stats = state
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    lse = jnp.where(l > 0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
+    # Empty rows (no allowed key / no finite logit) have l == 0 exactly; a NaN row fails both `l > 0`
+    # and `l == 0`, so testing `l == 0` keeps it NaN instead of passing it off as empty.
+    empty = l == 0
+    safe_l = jnp.where(empty, 1.0, l)
+    out = acc / safe_l[..., None]
+    lse = jnp.where(empty, 0.0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(safe_l))
     if shared == "stats":
         return stats
     return _from_acc_space(cfg, counts, out), _from_acc_space(cfg, counts, lse)
@@ -393,10 +398,13 @@ def blocked_attention(
         function was evaluated), 'slots' (tile slots visited including padding).
 
     Returns:
-      [batch, q_len, heads, head_dim] in q's dtype; fully masked rows are zero with zero gradients.
+      [batch, q_len, heads, head_dim] in q's dtype; rows with no allowed key or no finite logit are zero
+      with zero gradients; NaN inputs give NaN in the rows that use them. q_len == 0 gives an empty
+      result, k_len == 0 zeros.
     """
     chex.assert_rank([q, k, v], 4)
     chex.assert_equal_shape([k, v])
+    check_floating_qkv("blocked_attention", q, k, v)
     batch, q_len, heads, dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     if k.shape[0] != batch or k.shape[3] != dim or heads % kv_heads:
@@ -407,6 +415,16 @@ def blocked_attention(
     mask_obj = as_mask(mask)
     mod = as_score_mod(score_mod, bias)
     scale = dim ** -0.5 if scale is None else float(scale)
+    if has_zero_length(q, k):
+        # No tiles at all (and block sizes would clip to 0): still check the mask and score-mod shapes.
+        for obj in (mask_obj, mod):
+            if obj is not None:
+                obj.check(batch, heads, q_len, k_len)
+        out = zero_length_output(q)
+        if not return_stats:
+            return out
+        zeros = jnp.zeros((batch, heads), jnp.int32)
+        return out, dict(tiles=zeros, masked_tiles=zeros, slots=zeros)
     bq, bk = min(block_q, q_len), min(block_k, k_len)
     nq, nk = _ceil_div(q_len, bq), _ceil_div(k_len, bk)
     q_pad, k_pad = nq * bq, nk * bk
@@ -424,7 +442,13 @@ def blocked_attention(
     chunk = max(1, chunk_elems // (bq * bk))
 
     table = None
-    mask_p = mask_obj.padded(q_pad, k_pad)
+    if mask_obj.is_static():
+        # A concrete jax.Array mask inside jit would otherwise be padded by a staged jnp.pad into a tracer,
+        # which the trace-time tile table (numpy) cannot read.
+        with jax.ensure_compile_time_eval():
+            mask_p = mask_obj.padded(q_pad, k_pad)
+    else:
+        mask_p = mask_obj.padded(q_pad, k_pad)
     if block_map.is_static:
         phases = _static_phases(block_map, chunk)
         metas, arrays, counts = [], [], []

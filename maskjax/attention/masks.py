@@ -290,6 +290,19 @@ def leaf_block_index(shape: Sequence[int], layout: LeafLayout, b, h, i, j) -> tu
 # Helpers to store arrays in the leaf layout.
 # ---------------------------------------------------------------------------------------------
 
+def refuse_float_mask(x, name: str = "mask") -> None:
+    """Raise if x is a floating-point (or complex) array: as a mask it would be cast to bool, so a
+    PyTorch-style additive mask (0 = keep, -inf = drop) would be silently inverted."""
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    if jnp.issubdtype(dtype, jnp.inexact):
+        raise ValueError(
+            f"{name}: got a {dtype} array of shape {tuple(np.shape(x))}; masks must be boolean keep-masks "
+            "(True = attend; integer arrays mean nonzero = attend). Floating-point masks are refused because "
+            "their meaning is ambiguous (PyTorch's additive float masks use 0 = keep, -inf = drop). Pass "
+            "additive logits as bias=..., e.g. attention(q, k, v, bias=jnp.where(keep, 0., -jnp.inf)), or a "
+            "bool keep-mask, e.g. mask=keep (for a 0/-inf additive mask m: mask=(m == 0)).")
+
+
 def _as_array(x, dtype):
     if is_traced(x) or isinstance(x, jax.Array):
         return jnp.asarray(x, dtype)
@@ -522,11 +535,14 @@ def local_1d(left: Optional[int] = None, right: Optional[int] = None) -> Local1D
 class Dense(Mask):
     """An explicit boolean mask, broadcastable to [batch, heads, q_len, k_len] (numpy rules).
 
-    Static (numpy) or traced, per batch and/or head. ``dense(np.tri(4, dtype=bool))`` equals
-    ``causal()`` for length 4; ``dense(m[:, None])`` with m [batch, q, k] is per-example.
+    True = may attend; integer arrays mean nonzero = attend; floating-point arrays are refused (an
+    additive float mask belongs in ``bias=``). Static (numpy) or traced, per batch and/or head.
+    ``dense(np.tri(4, dtype=bool))`` equals ``causal()`` for length 4; ``dense(m[:, None])`` with
+    m [batch, q, k] is per-example.
     """
 
     def __init__(self, mask: ArrayLike):
+        refuse_float_mask(mask, "mask")
         arr, lay = _from_broadcastable(mask, np.bool_, False, "dense mask")
         self.arrays, self.layouts = (arr,), (lay,)
 
@@ -552,6 +568,7 @@ class QueryMasks(Mask):
     _static_fields = ("fallback_to_all",)
 
     def __init__(self, masks: ArrayLike, fallback_to_all: bool = True):
+        refuse_float_mask(masks, "query_masks: masks")  # e.g. sigmoid probabilities: threshold them first
         masks = _as_array(masks, np.bool_)
         if masks.ndim == 3:
             masks = masks[:, None]
@@ -630,6 +647,7 @@ class GroupRouting(Mask):
     def __init__(self, q_groups: ArrayLike, kv_groups: Optional[ArrayLike] = None, *,
                  allowed: ArrayLike):
         kv_groups = q_groups if kv_groups is None else kv_groups
+        refuse_float_mask(allowed, "group_routing: allowed")
         allowed = _as_array(allowed, np.bool_)
         if allowed.ndim != 2 or allowed.shape[0] != allowed.shape[1] or allowed.shape[0] > 31:
             raise ValueError(f"group_routing: allowed must be a square bool matrix of <= 31 groups, "
@@ -981,7 +999,8 @@ def directional_2d(grid: TokenGrid, **kwargs) -> Directional2D:
 # ---------------------------------------------------------------------------------------------
 
 def as_mask(mask: Union[None, Mask, ArrayLike]) -> Optional[Mask]:
-    """None -> None; a Mask -> itself; a bool array broadcastable to [b, h, q, k] -> :class:`Dense`."""
+    """None -> None; a Mask -> itself; a bool (or integer: nonzero = attend) array broadcastable to
+    [b, h, q, k] -> :class:`Dense`. Floating-point arrays are refused (pass additive masks as ``bias=``)."""
     if mask is None or isinstance(mask, Mask):
         return mask
     if isinstance(mask, (np.ndarray, jax.Array)) or is_traced(mask):
@@ -994,5 +1013,5 @@ __all__ = [
     "Dense", "QueryMasks", "SegmentIds", "GroupRouting", "Lengths", "FunctionMask", "TokenGrid",
     "Window2D", "Directional2D", "per_head", "full", "causal", "prefix_lm", "local_1d", "dense",
     "query_masks", "segment_ids", "group_routing", "lengths", "function_mask", "window_2d",
-    "directional_2d", "as_mask", "is_traced", "leaf_block_shape", "leaf_block_index",
+    "directional_2d", "as_mask", "is_traced", "leaf_block_shape", "leaf_block_index", "refuse_float_mask",
 ]

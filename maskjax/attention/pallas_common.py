@@ -12,9 +12,10 @@ their kind (PARTIAL / FULL) and count, and per key block the list of non-empty q
 Empty blocks are never loaded nor computed; FULL blocks skip the mask function.
 
 Math (all in float32): s = score_mod(scale * q k^T) (the dense `bias` is the first modifier), masked entries
-excluded, online softmax. Query rows with no allowed key give zero output and zero gradients: the running max
-starts at a finite MASK_VALUE, masked probabilities are zeroed explicitly, and such rows store
-lse = EMPTY_ROW_LSE so that exp(s - lse) == 0 in the backward pass.
+excluded, online softmax. Query rows with no allowed key (or only -inf scores) give zero output and zero
+gradients: the running max starts at a finite MASK_VALUE, masked probabilities are zeroed explicitly, and such
+rows store lse = EMPTY_ROW_LSE so that exp(s - lse) == 0 in the backward pass. NaN scores propagate (a NaN row
+is not mistaken for an empty one). Zero lengths return zeros without launching a kernel.
 
 Gradients: dq, dk, dv, and every floating-point leaf of the score modifier (through `jax.vjp` of
 `score_mod.apply` inside the dq kernel). Leaf gradients are written per (batch, head, q block) and reduced in
@@ -34,6 +35,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from maskjax.attention.checks import check_floating_qkv
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 TN_DIMS = (((0,), (0,)), ((), ()))  # lax.dot_general dimension numbers of a.T @ b
@@ -217,11 +220,16 @@ def online_softmax_step(s, ok, m_prev, l_prev, acc_prev, v):
 
 
 def finalize(m, l, acc):
-    """Output (zeros for rows with no allowed key) and log-sum-exp (EMPTY_ROW_LSE for those rows)."""
-    nonempty = l > 0.0
-    safe_l = jnp.where(nonempty, l, 1.0)
-    out = jnp.where(nonempty, acc / safe_l, 0.0)
-    lse = jnp.where(nonempty, m + jnp.log(safe_l), EMPTY_ROW_LSE)
+    """Output (zeros for rows with no allowed key or no finite logit) and log-sum-exp (EMPTY_ROW_LSE for
+    those rows).
+
+    Such rows have l == 0 exactly (every probability was zeroed or underflowed). The test is `l == 0`, not
+    `l > 0`: a NaN score makes l NaN, which fails both, so a NaN row stays NaN instead of being zeroed.
+    """
+    empty = l == 0.0
+    safe_l = jnp.where(empty, 1.0, l)
+    out = jnp.where(empty, 0.0, acc / safe_l)
+    lse = jnp.where(empty, EMPTY_ROW_LSE, m + jnp.log(safe_l))
     return out, lse
 
 
@@ -273,6 +281,7 @@ def _check_qkv(q, k, v, block_q, block_k):
     if k.shape[0] != batch or k.shape[3] != head_dim or heads % k.shape[2]:
         raise ValueError(f"q/k: incompatible shapes q={q.shape}, k={k.shape}; expected [batch, seq, heads, head_dim] "
                          "with equal batch and head_dim and heads % kv_heads == 0")
+    check_floating_qkv("flash_attention", q, k, v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in (jnp.float32, jnp.bfloat16):
             raise ValueError(f"{name}: dtype must be float32 or bfloat16, got {x.dtype}")
@@ -391,6 +400,11 @@ def make_static(impl, q, k, meta, *, scale, block_q, block_k, interpret, count_b
 def run(impl, q, k, v, mask, score_mod, *, scale, block_q, block_k, interpret, options=()):
     """Shared public path: validate, pad, run the custom-VJP kernels, slice."""
     q_len = q.shape[1]
+    _check_qkv(q, k, v, block_q, block_k)
+    if q_len == 0 or k.shape[1] == 0:
+        # A zero-size grid has nothing to compute: no key means every row is fully masked (zeros), no query
+        # an empty result. Returned without launching the kernels.
+        return jnp.zeros(q.shape, q.dtype)
     qp, kp, vp, ops, meta = prepare(q, k, v, mask, score_mod, block_q=block_q, block_k=block_k)
     st = make_static(impl, q, k, meta, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
                      options=options)

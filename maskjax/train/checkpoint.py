@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 DAMAGED_DIR = "damaged_checkpoints"  # Where damaged steps are moved (never deleted), beside `checkpoints/`.
 _GOLDEN = 0x9E3779B1  # Odd multiplier: index weights differ for every position modulo 2**32.
@@ -106,8 +107,9 @@ def verify(tree: Any, recorded: Optional[dict], prefix: str = "") -> list[str]:
 
 
 def flat_array_metadata(state_dir: str) -> dict[str, tuple[tuple, str]]:
-    """{path: (shape, dtype)} of the arrays saved in a step's `state` item, read from orbax metadata only."""
-    tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+    """{path: (shape, dtype)} of the arrays saved in a step's `state` item, read from orbax metadata only (the
+    item's handler: the step-level checkpointer would warn about the step's own metadata file)."""
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
     return {path_name(p): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
             for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -116,7 +118,7 @@ def metadata_disagreement(saved: dict[str, tuple[tuple, str]], digest: Optional[
     """Why orbax's array metadata of a step cannot be trusted ('' = it can): it lists no array, or other arrays
     than the digest recorded beside it at save time."""
     if not saved:
-        return "the array metadata lists no array"
+        return "its array metadata (state/_METADATA) lists no array: the file is damaged or missing"
     if digest is None:
         return ""
     recorded = set(digest.get("arrays", {}))
@@ -185,10 +187,13 @@ class Checkpointer:
         return saved
 
     def read_meta(self, step: int) -> dict:
-        """The JSON metadata of `step` (raises on unreadable or missing metadata)."""
+        """The JSON metadata of `step` (raises, naming the file, on unreadable or missing metadata)."""
         path = os.path.join(self.step_dir(step), "meta", "metadata")
-        with open(path, "rb") as f:
-            meta = json.loads(f.read().decode("utf-8"))
+        try:
+            with open(path, "rb") as f:
+                meta = json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ValueError(f"{path}: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
         if not isinstance(meta, dict):
             raise ValueError(f"{path} holds {type(meta).__name__}, not a JSON object")
         return meta
@@ -278,8 +283,16 @@ class Checkpointer:
 
 
 def _short(error: BaseException, limit: int = 300) -> str:
-    """The first line of an exception, cut to `limit` characters (TensorStore messages embed whole specs)."""
-    text = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    """The first line of the innermost exception of a chain, cut to `limit` characters: orbax wraps TensorStore's
+    precise reason (which array, which file, which byte range) in a generic error that embeds a whole spec."""
+    def inner(e):
+        return e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+
+    root = error
+    while inner(root) is not None:
+        root = inner(root)
+    lines = str(root).strip().splitlines()
+    text = f"{type(root).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= limit else text[:limit] + "..."
 
 

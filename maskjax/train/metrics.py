@@ -25,17 +25,17 @@ class MetricWriter:
         self.image_dir = os.path.join(workdir, "images")
         self._jsonl = None
         self._tb = None
+        self.dropped_records = 0  # Records of a run that died after its last checkpoint, removed at resume.
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         if os.path.exists(self.jsonl_path):
-            _drop_records_after(self.jsonl_path, resume_step, redo_final_step)
+            self.dropped_records = _drop_records_after(self.jsonl_path, resume_step, redo_final_step)
         self._jsonl = open(self.jsonl_path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter  # Only the main process needs it.
             # purge_step: TensorBoard discards this run directory's earlier events at steps >= it.
-            self._tb = SummaryWriter(self.tensorboard_dir, flush_secs=10,
-                                     purge_step=resume_step + 1 if resume_step else None)
+            self._tb = SummaryWriter(self.tensorboard_dir, flush_secs=10, purge_step=resume_step + 1)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         """One JSON line {'step': step, '<prefix>/<name>': value, ...} and one TensorBoard scalar each."""
@@ -73,8 +73,9 @@ class MetricWriter:
             self._tb = None
 
 
-def _drop_records_after(path: str, step: int, redo_final_step: Optional[int]) -> None:
-    """Rewrites a metrics.jsonl (atomically) without the records a resumed run from `step` writes again."""
+def _drop_records_after(path: str, step: int, redo_final_step: Optional[int]) -> int:
+    """Rewrites a metrics.jsonl (atomically) without the records a resumed run from `step` writes again; returns
+    how many it dropped."""
     with open(path) as f:
         lines = [line for line in f if line.strip()]
     kept = []
@@ -94,6 +95,7 @@ def _drop_records_after(path: str, step: int, redo_final_step: Optional[int]) ->
         with open(tmp, "w") as f:
             f.writelines(kept)
         os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import signal
@@ -384,6 +385,12 @@ class Trainer:
         Returns {'state', 'step', 'safe_changes', 'forced_changes', 'damaged': [(step, reason, moved_to)]}.
         """
         steps = checkpointer.all_steps()
+        earlier = os.path.join(self.workdir, ckpt_lib.DAMAGED_DIR)
+        if not steps and os.path.isdir(earlier) and os.listdir(earlier):
+            raise ResumeError(
+                f"{checkpointer.directory} holds no checkpoint and the earlier ones of this workdir were damaged "
+                f"(moved to {earlier}; see history.jsonl). Starting from scratch here would silently replace that "
+                f"run: move {earlier} elsewhere to do so on purpose, or use another --workdir.")
         damaged = []
         target = ckpt_lib.abstract_with_shardings(self._abstract_state, self.state_shardings)
         for step in reversed(steps):
@@ -400,7 +407,8 @@ class Trainer:
                 saved_arrays = checkpointer.array_metadata(step)
                 read_error = ckpt_lib.metadata_disagreement(saved_arrays, meta.get("digest"))
             except Exception as error:  # noqa: BLE001
-                saved_arrays, read_error = None, f"array metadata unreadable ({ckpt_lib._short(error)})"
+                saved_arrays, read_error = None, (f"array metadata {checkpointer.step_dir(step)}/state/_METADATA "
+                                                  f"unreadable ({ckpt_lib._short(error)})")
             if not self._agree(not read_error):
                 damaged.append(self._quarantine(checkpointer, step, read_error or "array metadata unreadable on a peer"))
                 continue
@@ -521,6 +529,10 @@ class Trainer:
 
     def _run_locked(self) -> RunResult:
         config = self.config
+        leftovers = sorted(glob.glob(os.path.join(self.workdir, "checkpoints", "*.orbax-checkpoint-tmp*")))
+        if leftovers and self.is_main:
+            print(f"Removing {len(leftovers)} unfinished save(s) of an earlier run (never complete, never resumed "
+                  f"from): {', '.join(os.path.basename(p) for p in leftovers)}", file=sys.stderr, flush=True)
         checkpointer = ckpt_lib.Checkpointer(self.workdir, keep=config.keep_checkpoints,
                                              async_save=config.async_checkpointing, cleanup_tmp=True)
         try:
@@ -542,6 +554,9 @@ class Trainer:
             self._record_start(resumed, start_step, checkpointer)
         writer = MetricWriter(self.workdir, enabled=self.is_main, resume_step=start_step,
                               redo_final_step=config.total_steps if start_step >= config.total_steps else None)
+        if writer.dropped_records:
+            print(f"Dropped {writer.dropped_records} records of steps after {start_step} from {writer.jsonl_path}: "
+                  "this run computes them again.", file=sys.stderr, flush=True)
 
         stop = {"signal": None}
         previous_handlers = self._install_signal_handlers(stop)
@@ -680,7 +695,7 @@ class Trainer:
         config = self.config
         workdir_lib.atomic_write(os.path.join(self.workdir, "config.json"), config.to_json_best_effort(indent=2))
         if resumed is None:
-            workdir_lib.append_history(self.workdir, "start", step=0, argv=sys.argv,
+            workdir_lib.append_history(self.workdir, "start", step=0, argv=list(sys.orig_argv),
                                        init_from=config.init_from.workdir or None)
             return
         changes = {**resumed["safe_changes"], **resumed["forced_changes"]}
@@ -696,7 +711,7 @@ class Trainer:
               + (f" with config changes: {', '.join(sorted(changes))}" if changes else ""), flush=True)
         for note in notes:
             print(f"WARNING: {note}", file=sys.stderr, flush=True)
-        workdir_lib.append_history(self.workdir, "resume", step=start_step, argv=sys.argv,
+        workdir_lib.append_history(self.workdir, "resume", step=start_step, argv=list(sys.orig_argv),
                                    changes={k: list(v) for k, v in changes.items()},
                                    forced=sorted(resumed["forced_changes"]), notes=notes,
                                    damaged_steps=[s for s, _, _ in resumed["damaged"]])

@@ -63,7 +63,7 @@ class WorkdirLock:
 
     def _own_record(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(sys.orig_argv)}
 
     def _read(self) -> tuple[Optional[dict], float, str]:
         """(holder record or None if unreadable, age in seconds since the last refresh, raw text)."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from maskjax.attention import approx_features
+from maskjax.attention import approx, approx_features
 from maskjax.attention.approx import approx_attention, approx_rank
 from tests.attention.approx_refs import (MODES, approx_all_modes, assert_close, dense_kernel_attention, dense_softmax,
                                          explicit_features, regions, run_case, sphere_inputs, taylor)
@@ -111,13 +111,21 @@ def test_exact_fwd_has_exact_forward_and_lowrank_backward(name):
         assert_close(got, want, 5e-5, f"{name} {what}")
 
 
-def test_exact_fwd_uses_blocked_exact_forward_for_long_sequences():
-    n = 260  # 260² scores: above the dense threshold, so the forward runs maskjax's blocked path
+@pytest.mark.parametrize("n, path", [(260, "blocked"), (40, "reference")])
+def test_exact_fwd_uses_blocked_exact_forward_for_long_sequences(n, path, monkeypatch):
+    """Above 256² scores the exact forward runs maskjax's blocked path, below it the dense reference: the calls
+    are counted (at trace time, through the names approx.py uses), and the values checked against numpy."""
+    calls = {"blocked": 0, "reference": 0}
+    for name, attr in (("blocked", "blocked_attention"), ("reference", "reference_attention")):
+        real = getattr(approx, attr)
+        monkeypatch.setattr(approx, attr, lambda *a, _real=real, _name=name, **kw: calls.__setitem__(
+            _name, calls[_name] + 1) or _real(*a, **kw))
     q, k, v, _ = sphere_inputs(jax.random.key(10), 2, n, 1, 4, 2.0)
     key_valid = jnp.arange(n)[None, :] < jnp.array([[n - 37], [n]])
     out = jax.jit(lambda a, b, c, m: approx_attention(a, b, c, m, scale=1.0, approx_mode="exact_fwd", causal=True))(
         q, k, v, key_valid[:, None, None, :])
-    assert_close(out, dense_softmax(q, k, v, regions(n, True)[0], key_valid)[0], 2e-5, "blocked exact forward")
+    assert calls[path] >= 1 and calls[{"blocked": "reference", "reference": "blocked"}[path]] == 0, calls
+    assert_close(out, dense_softmax(q, k, v, regions(n, True)[0], key_valid)[0], 2e-5, f"{path} exact forward")
 
 
 def test_hybrid_does_not_depend_on_block_size():

@@ -153,19 +153,56 @@ def test_every_parameter_is_logically_partitioned_with_allowed_names():
     assert tuple(specs["head"]["kernel"]) == ("embed", "classes")
 
 
-def test_activations_follow_sharding_rules_on_a_mesh():
-    """Under a mesh with logical rules, the model runs sharded and gives the single-device numbers."""
-    devices = np.array(jax.devices()[:4]).reshape(2, 2)
-    mesh = jax.sharding.Mesh(devices, ("data", "model"))
-    rules = (("batch", "data"), ("embed", None), ("mlp", "model"), ("heads", "model"), ("tokens", None))
+def _trim(spec) -> tuple:
+    """A PartitionSpec as a tuple without trailing Nones (P('a', None) and P('a') shard alike)."""
+    out = list(spec)
+    while out and out[-1] is None:
+        out.pop()
+    return tuple(out)
+
+
+def test_parameters_and_activations_follow_sharding_rules_on_a_mesh():
+    """On a (data, fsdp, model) = (2, 2, 2) mesh, parameters created already sharded (jit of init with
+    out_shardings from the logical names) carry the shardings the rules ask for: embed -> fsdp, mlp -> model,
+    heads -> model, the other names replicated; each device holds the matching slice; the sharded model gives the
+    single-device numbers."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "model"))
+    rules = (("batch", "data"), ("embed", "fsdp"), ("mlp", "model"), ("heads", "model"), ("tokens", None))
     model = mu_vit()
     x = images(batch=4)
     variables = init(model, x)
     expected, _ = apply(model, variables, x)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(variables), mesh, rules)
-        sharded = jax.device_put(variables, shardings)
+        logical = nn.get_partition_spec(jax.eval_shape(lambda: init(model, x)))
+        shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
+        sharded = jax.jit(lambda: init(model, x), out_shardings=shardings)()
         got, _ = jax.jit(lambda v, x: model.apply(v, x))(sharded, x)
+
+    params = nn.meta.unbox(sharded)["params"]
+    block = params["encoder"]["block_0"]
+    # Spelled out for the main kernels (query: embed, heads, head_dim; out: heads, head_dim, embed; ...).
+    assert _trim(block["attn"]["query"]["kernel"].sharding.spec) == ("fsdp", "model")
+    assert _trim(block["attn"]["out"]["kernel"].sharding.spec) == ("model", None, "fsdp")
+    assert _trim(block["mlp"]["fc1"]["kernel"].sharding.spec) == ("fsdp", "model")
+    assert _trim(block["mlp"]["fc2"]["kernel"].sharding.spec) == ("model", "fsdp")
+    assert _trim(params["head"]["kernel"].sharding.spec) == ("fsdp",)
+    # And for every parameter, from its logical names and the rules.
+    rule = dict(rules)
+    used = set()
+    flat_specs = jax.tree_util.tree_flatten_with_path(
+        nn.get_partition_spec(variables)["params"], is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))[0]
+    flat_values = jax.tree_util.tree_flatten_with_path(params)[0]
+    mesh_sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    for (path, names), (_, leaf) in zip(flat_specs, flat_values):
+        want = tuple(rule.get(n) for n in names)
+        where = jax.tree_util.keystr(path)
+        assert _trim(leaf.sharding.spec) == _trim(want), (where, leaf.sharding.spec, names)
+        local = tuple(d // (mesh_sizes[a] if a else 1) for d, a in zip(leaf.shape, want))
+        assert all(shard.data.shape == local for shard in leaf.addressable_shards), (where, local)
+        used |= {n for n, a in zip(names, want) if a is not None}
+    assert used == {"embed", "mlp", "heads"}
+    for a, b in zip(jax.tree.leaves(nn.meta.unbox(variables)), jax.tree.leaves(nn.meta.unbox(sharded))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
 
 
