@@ -5,7 +5,8 @@ cosine decay, decoder 512 wide and 8 deep, fixed sin-cos position embeddings.
 
 Command (a TPU/GPU pod; every process runs the same command, see README "Devices, meshes and many hosts"):
   python -m maskjax.main --config=configs/mae_imagenet.py --workdir=gs://bucket/mae_b16 --distributed=auto
-Arguments: epochs=<int> (default 1600), batch=<int> (default 4096).
+Arguments: epochs=<int> (default 1600), batch=<int> (default 4096), runlocal (the same keys on the built-in data
+with a tiny model: checks the config on a laptop, where ImageNet is not available).
 Differences from the paper: augmentation is maskjax's random crop (pad 4) + flip, not RandomResizedCrop(0.2, 1).
 """
 
@@ -17,7 +18,7 @@ TRAIN_IMAGES = 1_281_167
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_config_arg(arg, ("epochs", "batch"), "configs/mae_imagenet.py")
+    args = parse_config_arg(arg, ("epochs", "batch", "runlocal"), "configs/mae_imagenet.py")
     epochs, batch = int(args.get("epochs", 1600)), int(args.get("batch", 4096))
     steps_per_epoch = TRAIN_IMAGES // batch
     c = base_config("mim")
@@ -47,5 +48,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evals.reconstructions.count = 16
     c.data.num_threads = 16
     c.data.prefetch = 4
+    if args.get("runlocal"):
+        c.data.name, c.data.image_size, c.data.num_threads, c.data.prefetch = "builtin_shapes", 32, 0, 2
+        c.model.variant, c.model.dtype = "mu/4", "float32"
+        c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads, c.model.decoder_mlp_dim = 32, 1, 2, 64
+        c.batch_size, c.total_steps, c.optimizer.warmup_steps = 32, 10, 2
+        c.evals.eval.every, c.evals.eval.examples, c.evals.eval.batch_size = 5, 64, 32
+        c.checkpoint_every, c.log_every = 5, 5
     # No probe evaluator: ImageNet linear probing is its own 90-epoch recipe; k-NN here would be slow.
     return c

@@ -28,8 +28,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "experiments", "results")
 PY = sys.executable
-TINY = ["--config=configs/vit_builtin.py:runlocal", "--config.progress_bar=False", "--config.eval_examples=100",
-        "--config.eval_batch_size=20", "--config.num_visualize=0", "--config.log_every=1", "--config.total_steps=8",
+TINY = ["--config=configs/vit_builtin.py:runlocal", "--config.progress_bar=False", "--config.evals.eval.examples=100",
+        "--config.evals.eval.batch_size=20", "--config.evals.predictions.every=-1", "--config.log_every=1",
+        "--config.total_steps=8",
         "--config.checkpoint_every=4"]
 LONG = ["--config.total_steps=100000", "--config.checkpoint_every=1000"]  # A run that only a signal stops.
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -518,9 +519,9 @@ ROWS.update({
                               ["--num_processes=2", "--process_id=1"],
                               ["--num_processes=2 needs --coordinator_address"]),
     "8": row_8, "9": row_9, "10": row_10,
-    "11": lambda out: flag_row(out, "11", "eval_examples larger than the split", "--config.eval_examples=100000 "
-                               "(the validation split has 5000)", ["--config.eval_examples=100000"],
-                               ["config.eval_examples=100000 exceeds"]),
+    "11": lambda out: flag_row(out, "11", "eval_examples larger than the split", "--config.evals.eval.examples=100000 "
+                               "(the validation split has 5000)", ["--config.evals.eval.examples=100000"],
+                               ["config.evals.eval.examples=100000 exceeds"]),
     "dup_metrics": row_dup_metrics, "blocked_empty": lambda out: attention_row("blocked_empty", out),
     "int_qkv": lambda out: attention_row("int_qkv", out), "nan_loss": row_nan_loss, "sigterm_last": row_sigterm_last,
     "ctrl_c": row_ctrl_c, "coordinator": row_coordinator, "tmp_dir": row_tmp_dir})

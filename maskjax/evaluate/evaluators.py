@@ -55,7 +55,8 @@ class EvalContext(Protocol):
 
 class Evaluator:
     """Base class: `options()` is the schema of its options (besides `type` and `every`), `check` validates them
-    against the data before any compute, `run` evaluates the parameters of one step."""
+    against the data before any compute, `run` evaluates the parameters of one step. `opts` is the config entry
+    itself (`config.evals.<name>`), so what an evaluator reads is visible to the config-key tests."""
 
     type: ClassVar[str] = ""
 
@@ -283,8 +284,7 @@ def build_evaluators(config: ml_collections.ConfigDict, context: EvalContext) ->
     for name, entry in config.evals.items():
         if int(entry.every) < 0:
             continue
-        options = ml_collections.ConfigDict({k: v for k, v in entry.items() if k not in ("type", "every")})
-        evaluator = get_evaluator(entry.type, f"evals.{name}.type")(name, options, context)
+        evaluator = get_evaluator(entry.type, f"evals.{name}.type")(name, entry, context)
         evaluator.check()
         evaluators[name] = evaluator
     return evaluators
@@ -299,8 +299,7 @@ def validate_evals(config: ml_collections.ConfigDict, task_cls: type) -> None:
         cls = get_evaluator(entry.type, f"evals.{name}.type")
         if int(entry.get("every", 0)) < -1:
             raise ValueError(f"config.evals.{name}.every={entry.every}: must be >= -1 (0 = at the end, -1 = never)")
-        options = ml_collections.ConfigDict({k: v for k, v in entry.items() if k not in ("type", "every")})
-        cls.validate(name, options, config, task_cls)
+        cls.validate(name, entry, config, task_cls)
 
 
 def schema_of_evals(evals: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

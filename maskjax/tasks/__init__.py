@@ -7,14 +7,14 @@ frozen weights (a MIM teacher) gets a reader of them from whoever wires it (the 
 from typing import Callable, Optional
 
 from maskjax.tasks import classification, mim  # noqa: F401 - registers the tasks and models
-from maskjax.tasks.base import MODELS, TASKS, ModelSpec, Task, get_model, get_task, register_model, register_task, \
-    section_schema
+from maskjax.tasks.base import MODELS, TASKS, ModelSpec, Task, build_model, get_model, get_task, register_model, \
+    register_task, section_schema
 from maskjax.tasks.classification import ClassificationTask
 from maskjax.tasks.common import attention_from_config
 from maskjax.tasks.mim import MIMTask
 
 __all__ = ["TASKS", "MODELS", "Task", "ModelSpec", "ClassificationTask", "MIMTask", "attention_from_config",
-           "get_task", "get_model", "register_task", "register_model", "section_schema", "make_task"]
+           "get_task", "get_model", "build_model", "register_task", "register_model", "section_schema", "make_task"]
 
 
 def make_task(config, *, load_params: Optional[Callable] = None):

@@ -83,10 +83,12 @@ class ModelSpec:
     schema: () -> ConfigDict of the keys of `config.model` besides 'name', with defaults and comments.
     validate: (config) -> None, ValueErrors naming `config.model.<key>` (the whole config: some checks need the
       data's image size).
+    build: (config) -> the Flax module `config.model` describes.
     """
     name: str
     schema: Callable[[], ml_collections.ConfigDict]
     validate: Callable[[ml_collections.ConfigDict], None]
+    build: Callable[[ml_collections.ConfigDict], Any]
 
 
 TASKS: dict[str, type] = {}
@@ -128,6 +130,11 @@ def get_model(name: str) -> ModelSpec:
     if name not in MODELS:
         raise _unknown("model.name", "model", name, MODELS)
     return MODELS[name]
+
+
+def build_model(config: ml_collections.ConfigDict) -> Any:
+    """The module of the registered model `config.model.name`, built from `config`."""
+    return get_model(config.model.name).build(config)
 
 
 def section_schema(task_cls: type) -> Optional[ml_collections.ConfigDict]:

@@ -10,14 +10,15 @@ import numpy as np
 
 from maskjax import masking as masking_lib
 from maskjax.evaluate.metrics import correct_topk, softmax_cross_entropy
-from maskjax.tasks.base import ModelSpec, register_model, register_task
+from maskjax.tasks.base import ModelSpec, build_model, register_model, register_task
 from maskjax.tasks.common import logit_metrics, validate_vit, vit_from_config, vit_schema
 
 Batch = Mapping[str, jax.Array]
 PURPOSE_MASKSUB = 0x6D73  # folded into the step key for MaskSub's masks and the sub-branch's dropout
 
 
-register_model(ModelSpec(name="vit", schema=vit_schema, validate=validate_vit))
+register_model(ModelSpec(name="vit", schema=vit_schema, validate=validate_vit,
+                         build=lambda config: vit_from_config(config.model)))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -59,7 +60,7 @@ class ClassificationTask:
     def __init__(self, config: ml_collections.ConfigDict, *, load_params: Optional[Callable] = None):
         del load_params  # reads no other run (`init_from` is the trainer's business)
         self.config = config
-        self.model = vit_from_config(config.model)
+        self.model = build_model(config)
 
     def check_data(self, source: Any) -> None:
         classes = getattr(source, "num_classes", None)

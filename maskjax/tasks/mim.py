@@ -34,7 +34,7 @@ from maskjax import masking as masking_lib
 from maskjax.models.mae import (MAE, MIM_MODES, TARGETS, feature_targets, hog_features, masked_mse,
                                 normalize_patches, patchify, ranking_loss, unpatchify)
 from maskjax.models.vit import ViT, token_attention_scores
-from maskjax.tasks.base import ModelSpec, register_model, register_task
+from maskjax.tasks.base import ModelSpec, build_model, register_model, register_task
 from maskjax.tasks.common import validate_vit, vit_from_config, vit_schema
 
 Batch = Mapping[str, jax.Array]
@@ -75,15 +75,15 @@ def validate_mae(config: ml_collections.ConfigDict) -> None:
                          "model.mode='mask_token' (every patch enters the encoder) or attention.mask='none'")
 
 
-register_model(ModelSpec(name="mae", schema=mae_schema, validate=validate_mae))
-
-
 def mae_from_config(config: ml_collections.ConfigDict) -> MAE:
     """The MAE of `config.model` (model 'mae': a ViT encoder without classifier, and its decoder)."""
     encoder = vit_from_config(config.model)
     m = config.model
     return MAE(encoder=encoder, mode=m.mode, decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
                decoder_heads=m.decoder_heads, decoder_mlp_dim=m.decoder_mlp_dim, dtype=encoder.dtype)
+
+
+register_model(ModelSpec(name="mae", schema=mae_schema, validate=validate_mae, build=mae_from_config))
 
 
 def masking_from_config(mim_config: ml_collections.ConfigDict, *, name: Optional[str] = None):
@@ -235,7 +235,7 @@ class MIMTask:
         self.config = config
         m = config.mim
         self.strategy = m.masking
-        self.model = mae_from_config(config).clone(loss_predictor=self.strategy == "hard_patch")
+        self.model = build_model(config).clone(loss_predictor=self.strategy == "hard_patch")
         self.masking = masking_from_config(m)
         guided = self.strategy in GUIDED_STRATEGIES
         self.eval_masking = masking_from_config(m, name="random") if guided else self.masking

@@ -230,7 +230,7 @@ class Checkpointer:
         try:
             meta = self.read_meta(step)
             state_dir = os.path.join(path, "state")
-            saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+            saved = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
             # Only the parameters are read: the optimizer state (2x their size for Adam) stays on disk.
             target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
                                              saved["params"])}

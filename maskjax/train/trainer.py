@@ -287,7 +287,8 @@ class Trainer:
 
         # The root key is an argument, not a constant of the program: a captured device array would be read back to
         # the host when the step is traced, in the middle of the loop.
-        def train_step(state: TrainState, batch: dict, root_key: jax.Array) -> tuple[TrainState, dict]:
+        def train_step(state: TrainState, batch: dict, root_key_data: jax.Array) -> tuple[TrainState, dict]:
+            root_key = jax.random.wrap_key_data(root_key_data)
             step_key = jax.random.fold_in(jax.random.fold_in(root_key, PURPOSE_TRAIN), state.step)
             if accum == 1:
                 grads, metrics = grads_of(state.params, batch, step_key, state.step)
@@ -316,11 +317,12 @@ class Trainer:
         replicated = sharding_lib.replicated(self.mesh)
         jitted = jax.jit(train_step, in_shardings=(self.state_shardings, self.batch_shardings(sample), replicated),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-        root_key = jax.device_put(self.root_key, replicated)
+        key_data = np.asarray(jax.random.key_data(self.root_key))  # the same on every process
+        root_key_data = jax.make_array_from_callback(key_data.shape, replicated, lambda index: key_data[index])
 
         def run(state, batch):
             with _mesh_context(self.mesh, self.rules):
-                return jitted(state, batch, root_key)
+                return jitted(state, batch, root_key_data)
         return run
 
     def to_global(self, local_batch: dict) -> dict:

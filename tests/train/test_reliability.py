@@ -368,7 +368,8 @@ def test_ctrl_c_saves_a_checkpoint_and_stops_like_sigterm(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (dict(evals__eval__examples=5_001), "config.evals.eval.examples=5001 exceeds the 5000 examples of split "
                                         "'validation'"),
-    (dict(evals__predictions__count=5_001), "config.evals.predictions.count=5001 exceeds the 5000 examples"),
+    (dict(evals__predictions__every=0, evals__predictions__count=5_001),
+     "config.evals.predictions.count=5001 exceeds the 5000 examples"),
     (dict(data__train_examples=64, evals__probe=eval_config({"type": "probe", "train_examples": 100})),
      "config.evals.probe.train_examples=100 exceeds the 64 examples of split 'train'"),
 ])
