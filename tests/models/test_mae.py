@@ -189,3 +189,32 @@ def test_hog_target_matches_a_numpy_loop(patch, cell):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
     with pytest.raises(ValueError, match=re.escape("cell=3 must divide the patch (4, 4)")):
         hog_features(jnp.asarray(x), patch, cell=3)
+
+
+def test_mask_token_mode_applies_the_encoders_token_mask():
+    """Issue 14: the encoder's token mask used to be ignored by MAE. With a 1-block encoder, a 3x3 window
+    (radius 1) and a linear decoder, patch 0's prediction may only depend on the pixels of its window, which a
+    perturbation far away shows; without the mask it depends on them."""
+    from maskjax.models.attention_options import TokenMaskSpec
+
+    x = images(1, 16)  # a 4 x 4 patch grid
+    result = masking.random_masking(jax.random.key(3), 1, (4, 4), 0.5)
+    visible_far = [i for i in range(16) if not result.mask[0, i] and max(i // 4, i % 4) >= 2]
+    row, col = divmod(visible_far[0], 4)  # a visible patch outside the window of patch (0, 0)
+    far = x.copy()
+    far[:, 4 * row:4 * row + 4, 4 * col:4 * col + 4] += 1.0
+
+    def predictions(token_mask):
+        model = MAE(encoder=encoder(depth=1, num_registers=0, token_mask=token_mask), mode="mask_token",
+                    decoder_depth=0)
+        params = model.init(jax.random.key(0), jnp.asarray(x), result)
+        return [np.asarray(model.apply(params, jnp.asarray(v), result)[0]) for v in (x, far)]
+
+    windowed, windowed_far = predictions(TokenMaskSpec(kind="window_2d", radius=(1, 1)))
+    full, full_far = predictions(TokenMaskSpec())
+    np.testing.assert_array_equal(windowed[0, 0], windowed_far[0, 0])  # patch (0, 0) cannot see that patch
+    assert np.abs(full[0, 0] - full_far[0, 0]).max() > 1e-4  # without the mask it does
+    assert np.abs(windowed - full).max() > 1e-4  # so the mask changes the output
+    with pytest.raises(ValueError, match="mode='mae' encodes a different visible subset"):
+        MAE(encoder=encoder(token_mask=TokenMaskSpec(kind="window_2d")), mode="mae").init(
+            jax.random.key(0), jnp.asarray(x), result)
