@@ -13,8 +13,8 @@ class MetricWriter:
 
     A resumed run passes `resume_step`: records of later steps (written after that checkpoint by a run that then
     died) are dropped from metrics.jsonl and purged from TensorBoard, since the resumed run writes them again. With
-    `redo_final_step` (a run resumed at its last step, whose final evaluation runs again) that step's eval and
-    probe records are dropped too.
+    `redo_final_step` (a run resumed at its last step, whose final evaluation runs again) that step's evaluator
+    records (every record that is not a train record) are dropped too.
     """
 
     def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True, resume_step: int = 0,
@@ -87,7 +87,7 @@ def _drop_records_after(path: str, step: int, redo_final_step: Optional[int]) ->
         if record.get("step", 0) > step:
             continue
         if redo_final_step is not None and record.get("step") == redo_final_step and any(
-                key.startswith(("eval/", "probe/")) for key in record):
+                key != "step" and not key.startswith("train/") for key in record):
             continue
         kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) != len(lines):
