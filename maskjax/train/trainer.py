@@ -31,7 +31,7 @@ from maskjax.train.config import flat_config, resume_changes, validate
 from maskjax.train.metrics import MetricWriter
 from maskjax.train.optim import make_optimizer
 
-# Purposes folded into the root key, so every random draw has its own stream (DESIGN: seed, step, purpose).
+# Purposes folded into the root key, so every random draw has its own stream (docs/architecture.md, "Conventions").
 PURPOSE_INIT, PURPOSE_TRAIN = 0, 1
 
 
