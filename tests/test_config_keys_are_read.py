@@ -81,7 +81,9 @@ def candidate_keys(config: ml_collections.ConfigDict) -> set[str]:
     """The keys that must be read: all but READ_ELSEWHERE, free-form options, and the options of evaluators switched
     off with every=-1."""
     off = tuple(f"evals.{name}." for name, entry in config.evals._fields.items() if entry._fields["every"] < 0)
-    free = (f"{config._fields['task']}.masking_options.",)
+    from maskjax.tasks import get_task
+    task = config._fields["task"]
+    free = tuple(f"{task}.{sub}." for sub in get_task(task).free_form)
     return {k for k in flat_keys(config) if not k.startswith(off + free)} - set(READ_ELSEWHERE)
 
 

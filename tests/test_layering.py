@@ -1,4 +1,4 @@
-"""The package map of DESIGN.md as a test: which maskjax packages may import which (one direction, no cycles)."""
+"""The package map of docs/architecture.md as a test: which maskjax packages may import which (one direction, no cycles)."""
 
 import ast
 import pathlib

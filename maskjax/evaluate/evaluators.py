@@ -26,7 +26,7 @@ class EvalResult:
 
 
 class EvalContext(Protocol):
-    """What the trainer lends an evaluator (maskjax.train.trainer.TrainerEvalContext implements it)."""
+    """What the trainer lends an evaluator (maskjax.train.trainer._TrainerEvalContext implements it)."""
 
     config: ml_collections.ConfigDict
     task: Any
@@ -201,9 +201,10 @@ class GalleryEvaluator(Evaluator):
 
 @register_evaluator
 class ProbeEvaluator(Evaluator):
-    """Linear probe and weighted k-NN on the task's frozen features (`features(params, batch, kind)`), optionally
-    also of the same model at this run's initialisation. Every process computes the same numbers from replicated
-    parameters (probes are small; this keeps them identical across hosts)."""
+    """Linear probe and weighted k-NN on the task's frozen features (`features(params, {'image': ...}, kind)`),
+    optionally also of the same model at this run's initialisation. Like the gallery, it works on host copies of
+    the parameters (`EvalContext.host_params`) rather than the sharded ones: every process computes the same
+    numbers (probes and galleries are small), so the results agree across hosts."""
 
     type = "probe"
 

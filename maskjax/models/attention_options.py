@@ -30,7 +30,8 @@ class AttentionOptions:
     """Backend and kernel settings of every attention call in a model.
 
     Attributes:
-      backend: 'auto' | 'reference' | 'blocked' | 'pallas' | 'approx' (see `maskjax.attention.attention`).
+      backend: 'auto' | 'reference' | 'blocked' | 'pallas' | 'splash' | 'cudnn' | 'approx' (see
+        `maskjax.attention.attention`).
       block_q, block_k: tile sizes of 'blocked' / 'pallas' (None: the backend's default).
       approx_mode, approx_degree, approx_window: settings of the 'approx' backend (`approx.approx_attention`).
       approx_layers: None, or the block indices that use backend 'approx' while the others use `backend`

@@ -30,7 +30,12 @@ class Task(Protocol):
     name: ClassVar[str]  # config.task; also the name of its config section config.<name>, if it has one.
     models: ClassVar[tuple[str, ...]]  # config.model.name values it can train (registered models).
     feature_kinds: ClassVar[tuple[str, ...]]  # kinds `features` accepts (first = default); () = no probes.
-    batch_fields: tuple[str, ...]  # loader fields `init` / `loss` / `eval_sums` / `predict` read, e.g. image, label.
+    # Loader fields `init` / `loss` / `eval_sums` / `predict` read; 'image' is always among them (the loader
+    # resizes and augments every field along with it), e.g. ('image', 'label') or ('image', 'semantic').
+    batch_fields: tuple[str, ...]
+    # Optional: sub-sections of config.<name> whose keys the schema does not fix (checked by their consumer),
+    # e.g. MIM's ('masking_options',). Read by maskjax.train.config.check_known_keys.
+    free_form: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def config_section(cls) -> Optional[ml_collections.ConfigDict]:
@@ -73,7 +78,9 @@ class Task(Protocol):
         """A uint8 [H', W', 3] picture of a few examples and their predictions."""
 
     def features(self, params: Any, batch: Batch, kind: str) -> jax.Array:
-        """Frozen features float32 [B, D] for probes; `kind` is one of `feature_kinds`."""
+        """Frozen features float32 [B, D] for probes, from a batch holding at least 'image'; `kind` is one of
+        `feature_kinds`. Optional classmethod `check_feature_kind(config, kind, key)`: a ValueError naming
+        `config.<key>` when this config's model cannot give that kind (read by the probe evaluator)."""
 
 
 @dataclasses.dataclass(frozen=True)

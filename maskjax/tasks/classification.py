@@ -41,6 +41,7 @@ class ClassificationTask:
     models = ("vit",)
     feature_kinds = ("pre_logits",)
     batch_fields = ("image", "label")
+    free_form = ()
 
     @classmethod
     def config_section(cls) -> ml_collections.ConfigDict:

@@ -14,7 +14,8 @@ from maskjax.models.vit import ViT, decode_variant
 def attention_config() -> ml_collections.ConfigDict:
     """`model.attention`: backend, approximate-gradient layers, bounded logits and a token mask on the patch grid."""
     a = ml_collections.ConfigDict()
-    a.backend = "auto"  # 'auto', 'reference', 'blocked', 'pallas' or 'approx' (maskjax.attention.attention).
+    # 'auto', 'reference', 'blocked', 'pallas', 'splash', 'cudnn' or 'approx' (maskjax.attention.attention).
+    a.backend = "auto"
     a.block_q = 0  # Query tile of 'blocked' / 'pallas' (0 = the backend's default).
     a.block_k = 0  # Key tile of 'blocked' / 'pallas' (0 = the backend's default).
     a.approx_mode = "lowrank"  # 'approx' backend: 'lowrank', 'exact_fwd' (exact forward) or 'paper'.

@@ -94,7 +94,7 @@ def base_config(task: str = "classification", model: Optional[str] = None) -> ml
     for name, spec in task_cls.default_evals().items():
         c.evals[name] = eval_config(spec)
 
-    c.log_every = 10  # Steps between metric records (means over the window); the only host sync of the loop.
+    c.log_every = 10  # Steps between metric records (window means); with evaluations and checkpoints, the loop's syncs.
     c.checkpoint_every = 100  # Steps between checkpoints (the last step is always saved).
     c.keep_checkpoints = 3  # Checkpoints kept on disk.
     c.async_checkpointing = True  # Write checkpoints in a background thread.

@@ -161,7 +161,8 @@ class _TrainerEvalContext:
 class Trainer:
     """Builds everything a run needs from a config; `run()` trains, evaluates and checkpoints.
 
-    Resume order: the latest checkpoint in `<workdir>/checkpoints`, else a fresh initialisation.
+    Resume order: the newest intact checkpoint in `<workdir>/checkpoints` (see `resume`), else a fresh
+    initialisation, with the parameters of `config.init_from` when it names a run.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
