@@ -578,21 +578,19 @@ class Trainer:
         window = {"start": time.perf_counter(), "first": step + 1, "acc": None}
 
         def check_window(log: bool) -> dict:
-            """The only device-to-host transfer of training: at log steps the window's metric means, at other
-            sync points (evaluation, checkpoint, stop) just whether a loss was non-finite."""
+            """The loop's device-to-host reads, at sync steps only: at log steps the window's metric means (one
+            fetch), at the other sync points (evaluation, checkpoint, stop) just whether a loss was non-finite."""
             if window["acc"] is None:
                 return {}
             acc = window["acc"]
-            bad = jax.device_get({"nonfinite": acc["nonfinite"], "first_bad": acc["first_bad"]})
-            if int(bad["nonfinite"]):
-                loss_at = "NaN/Inf"
+            host = jax.device_get(acc if log else {"nonfinite": acc["nonfinite"], "first_bad": acc["first_bad"]})
+            if int(host["nonfinite"]):
                 raise NonFiniteLossError(
-                    f"Training loss became {loss_at} at step {int(bad['first_bad'])} ({int(bad['nonfinite'])} "
+                    f"Training loss became NaN/Inf at step {int(host['first_bad'])} ({int(host['nonfinite'])} "
                     f"non-finite of the steps {window['first']}-{step} since the last log step); stopping. "
                     + self._last_good_message(checkpointer))
             if not log:
                 return {}
-            host = jax.device_get(acc)
             count = max(int(host["steps"]), 1)
             means = {k: float(v) / count for k, v in host["sums"].items()}
             elapsed = time.perf_counter() - window["start"]
@@ -634,6 +632,7 @@ class Trainer:
                         window["start"] = time.perf_counter()
                     if save_due:
                         self._save_or_stop(save, step, state, checkpointer)
+                        window["start"] = time.perf_counter()  # images/s measures training, not saving
                     # At the last step training is complete and saved: a signal there lets the final evaluation
                     # run. Several processes agree on stopping at sync steps only (the agreement is a collective).
                     if step < config.total_steps and (sync or jax.process_count() == 1) \
