@@ -4,7 +4,7 @@ The mask language lives in ``masks`` (re-exported here), score modifiers in ``sc
 in ``block_map``; backends: ``reference`` (dense XLA), ``blocked`` (XLA, non-empty tiles only), ``splash`` (JAX's
 TPU splash attention kernel), ``cudnn`` (cuDNN flash attention), maskjax's own Pallas flash kernels
 (``pallas_tpu`` / ``pallas_gpu``; opt-in, not yet run on hardware) and ``approx``. ``choose_backend`` says what
-``backend='auto'`` runs on a platform.
+``backend='auto'`` runs on a platform; ``sharded`` says how splash and cuDNN run per shard under a device mesh.
 """
 
 from maskjax.attention.api import attention, choose_backend

@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from maskjax.attention import sharded
 from maskjax.attention.approx import APPROX_MODES, approx_attention
 from maskjax.attention.blocked import blocked_attention
 from maskjax.attention.checks import check_floating_qkv
@@ -43,22 +44,29 @@ def _platform() -> str:
 
 
 def auto_backend_reason(platform: str, q: Any, k: Any, v: Any, mask=None, bias=None, score_mod=None, *,
-                        block_q: Optional[int] = None, block_k: Optional[int] = None) -> tuple[str, str]:
+                        block_q: Optional[int] = None, block_k: Optional[int] = None,
+                        mesh=None) -> tuple[str, str]:
     """(backend, why) for ``attention(backend='auto')`` on ``platform`` ('tpu', 'gpu', 'cpu', ...).
 
     q, k, v may be arrays or ``jax.ShapeDtypeStruct`` (only shapes and dtypes are read); mask, bias and
-    score_mod as in :func:`attention`. Pure: no device is queried. See :func:`choose_backend`.
+    score_mod as in :func:`attention`; mesh: the mesh attention runs under (a ``Mesh`` / ``AbstractMesh``;
+    default the mesh in context, ``jax.sharding.get_abstract_mesh()``). Pure: no device is queried. See
+    :func:`choose_backend`.
     """
     mask_obj = as_mask(mask)
     mod = as_score_mod(score_mod, bias)
     dtypes = (q.dtype, k.dtype, v.dtype)
+    if platform in ("tpu", "gpu"):
+        # The kernel runs per shard under a multi-device mesh; that needs the batch to divide (sharded.py).
+        _, mesh_why = sharded.mesh_split(mesh, q.shape[0], q.shape[2], k.shape[2])
     if platform == "tpu":
         from maskjax.attention import splash
         why = splash.unsupported_reason(q.shape, k.shape, dtypes, mask_obj, mod, block_q=block_q, block_k=block_k)
+        why = why or mesh_why
         return ("blocked", why) if why else ("splash", "splash attention supports this mask and shape")
     if platform == "gpu":
         from maskjax.attention import cudnn
-        why = cudnn.unsupported_reason(q.shape, k.shape, dtypes, mask_obj, mod)
+        why = cudnn.unsupported_reason(q.shape, k.shape, dtypes, mask_obj, mod) or mesh_why
         return ("blocked", why) if why else ("cudnn", "cuDNN flash attention supports this case")
     if mask_obj is not None and q.shape[1] * k.shape[1] > _SMALL:
         return "blocked", f"a mask on a large problem ({q.shape[1]} x {k.shape[1]} scores per head) on {platform}"
@@ -66,7 +74,7 @@ def auto_backend_reason(platform: str, q: Any, k: Any, v: Any, mask=None, bias=N
 
 
 def choose_backend(platform: str, q: Any, k: Any, v: Any, mask=None, bias=None, score_mod=None, *,
-                   block_q: Optional[int] = None, block_k: Optional[int] = None) -> str:
+                   block_q: Optional[int] = None, block_k: Optional[int] = None, mesh=None) -> str:
     """The backend ``attention(backend='auto')`` runs on ``platform``.
 
     Until maskjax's own Pallas kernels have run on hardware, accelerators use the most trusted kernels:
@@ -74,8 +82,13 @@ def choose_backend(platform: str, q: Any, k: Any, v: Any, mask=None, bias=None, 
     GPU: 'cudnn' (``jax.nn.dot_product_attention(implementation='cudnn')``) for no mask / causal / left window /
     lengths in float16 or bfloat16, else 'blocked'; CPU (and anything else): 'reference' for no mask or small
     problems, else 'blocked'. ``backend='pallas'`` is never chosen automatically.
+
+    Under a mesh of more than one device (``mesh``, default the mesh in context) splash and cuDNN run inside
+    ``jax.shard_map``, batch split over the mesh axes 'data' and 'fsdp' (those it has), heads over 'model' when
+    that divides heads and kv_heads (else unsplit); when the batch does not divide over the batch axes, 'blocked'.
     """
-    return auto_backend_reason(platform, q, k, v, mask, bias, score_mod, block_q=block_q, block_k=block_k)[0]
+    return auto_backend_reason(platform, q, k, v, mask, bias, score_mod, block_q=block_q, block_k=block_k,
+                               mesh=mesh)[0]
 
 
 def attention(
@@ -119,6 +132,11 @@ def attention(
         traced), else 'blocked'; on GPU 'cudnn' for float16/bfloat16 with no mask, causal, a causal left
         window or lengths, else 'blocked'; on CPU dense for small problems or no mask, else blocked. bias,
         score_mod, query masks and other traced masks always mean 'blocked' on accelerators.
+        Under a mesh of more than one device (``jax.sharding.get_abstract_mesh()``, e.g. ``jax.set_mesh`` as
+        maskjax's trainer does) 'splash' and 'cudnn' run inside ``jax.shard_map`` (XLA cannot partition these
+        kernels): batch split over the mesh axes 'data' and 'fsdp' (those the mesh has), heads over 'model' when
+        its size divides heads and kv_heads (else unsplit), output sharded like q; 'auto' uses 'blocked' when the
+        batch does not divide over the batch axes (``sharded.py``). backend='pallas' is not wrapped.
       block_q, block_k: tile sizes for 'blocked' / 'pallas' / 'splash' (default 128, 128; GPU pallas 64, 64;
         splash: multiples of 128 dividing the lengths).
       block_map: optional precomputed block map (blocked backend), e.g. static for a traced mask.

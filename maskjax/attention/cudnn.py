@@ -17,16 +17,24 @@ Rows with no allowed key (padded queries, kv_lengths == 0, a window past the las
 is not specified by JAX (its XLA path returns mean(V)). maskjax computes those rows exactly from the band and the
 lengths (O(batch * q_len)), returns zeros there, and stops gradients through them; the keys past each example's
 kv length get zero gradients as well (every row masks them), whatever the kernel writes.
+
+Under a mesh of more than one device (the mesh in context, ``jax.sharding.get_abstract_mesh()``) the call and the
+row zeroing run inside ``jax.shard_map`` (``sharded.py``): q, k, v and the lengths split over the batch on the mesh
+axes 'data' / 'fsdp', over heads on 'model' when it divides heads and kv_heads. (JAX's cuDNN call has its own
+custom partitioning over batch and heads; the shard_map makes the split explicit and the same as splash's, and
+reshards operands that are split along the sequence, which that partitioning refuses.)
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from maskjax.attention import masks as M
+from maskjax.attention import sharded
 
 MAX_HEAD_DIM = 128
 
@@ -114,7 +122,10 @@ def _lengths(p: CudnnPlan, batch: int):
 
 def row_and_key_ok(p: CudnnPlan, batch: int, q_len: int, k_len: int):
     """(rows with at least one allowed key bool [batch, q_len], keys some row may see bool [batch, k_len])."""
-    q_lens, kv_lens = _lengths(p, batch)
+    return _row_and_key_ok(p, *_lengths(p, batch), batch, q_len, k_len)
+
+
+def _row_and_key_ok(p: CudnnPlan, q_lens, kv_lens, batch: int, q_len: int, k_len: int):
     i = jnp.arange(q_len, dtype=jnp.int32)[None, :]
     j = jnp.arange(k_len, dtype=jnp.int32)[None, :]
     n_kv = jnp.full((batch, 1), k_len, jnp.int32) if kv_lens is None else jnp.minimum(kv_lens[:, None], k_len)
@@ -137,6 +148,10 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[M.M
                     scale: Optional[float] = None, implementation: str = "cudnn") -> jax.Array:
     """Masked attention with cuDNN flash attention; differentiable.
 
+    Under a mesh of more than one device (``jax.sharding.get_abstract_mesh()``, e.g. from ``jax.set_mesh``) the
+    call runs inside ``jax.shard_map``: batch (and the lengths) split over the mesh's 'data' / 'fsdp' axes, heads
+    over 'model' when it divides heads and kv_heads (``sharded.py`` has the rule).
+
     Args:
       q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim]; float16 or bfloat16.
       mask: None or a mask that maps (see the module docstring).
@@ -145,17 +160,32 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[M.M
 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype; rows with no allowed key are zeros with zero gradients.
+    Raises:
+      ValueError: if cuDNN cannot run this case (the message says why), also when the batch does not divide
+        over the mesh's batch axes.
     """
     batch, q_len, heads, head_dim = q.shape
-    k_len = k.shape[1]
+    k_len, kv_heads = k.shape[1], k.shape[2]
     reason = unsupported_reason(q.shape, k.shape, (q.dtype, k.dtype, v.dtype), mask)
     if implementation == "xla" and reason.startswith("dtypes") and q.dtype == k.dtype == v.dtype:
         reason = ""   # the XLA stand-in used by the CPU tests also takes float32
-    if reason:
-        raise ValueError(f"attention: backend='cudnn' cannot run this case: {reason}")
+    split, why = sharded.mesh_split(None, batch, heads, kv_heads)
+    if reason or why:
+        raise ValueError(f"attention: backend='cudnn' cannot run this case: {reason or why}")
     p = plan(mask, q_len, k_len)
-    q_lens, kv_lens = _lengths(p, batch)
-    rows, keys = row_and_key_ok(p, batch, q_len, k_len)
+    q_lens, kv_lens = _lengths(p, batch)      # per example: split with the batch under a mesh
+    body = functools.partial(_cudnn_local, p=p, scale=scale, implementation=implementation)
+    if split is None:
+        return body(q, k, v, q_lens, kv_lens)
+    qkv, lens = split.qkv_spec(), split.batch_spec(1)
+    in_specs = (qkv, qkv, qkv, None if q_lens is None else lens, None if kv_lens is None else lens)
+    return split.shard_map(body, in_specs=in_specs, out_specs=qkv)(q, k, v, q_lens, kv_lens)
+
+
+def _cudnn_local(q, k, v, q_lens, kv_lens, *, p: CudnnPlan, scale, implementation: str) -> jax.Array:
+    """The cuDNN call on one device's block, with its rows without keys zeroed (lengths [b] or None)."""
+    batch, q_len = q.shape[:2]
+    rows, keys = _row_and_key_ok(p, q_lens, kv_lens, batch, q_len, k.shape[1])
     q = _grad_only_where(q, rows)
     k, v = _grad_only_where(k, keys), _grad_only_where(v, keys)
     out = jax.nn.dot_product_attention(

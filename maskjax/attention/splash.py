@@ -30,7 +30,13 @@ Other details: the logit scale is applied to q before the kernel (splash does no
 a multiple of 128 is zero-padded to one (exact: the zero columns add nothing to q.k and give zero output columns
 that are sliced off), since splash is tested with head_dim 128 / 256; the batch is a ``jax.vmap`` of the
 single-device kernel; GQA / MQA use splash's MHA path with fewer kv heads. Kernels (and their mask tables) are
-cached per (mask, shapes, blocks). On CPU pass ``interpret=True``.
+cached per (mask, shapes, blocks, head shards). On CPU pass ``interpret=True``.
+
+Under a mesh of more than one device (the mesh in context, ``jax.sharding.get_abstract_mesh()``) the kernel runs
+inside ``jax.shard_map`` (``sharded.py``): q, k, v and the segment ids split over the batch on the mesh axes 'data'
+/ 'fsdp', over heads on 'model' when it divides heads and kv_heads; the mask tables are built for that many head
+shards and split with the heads (``kernel.manual_sharding_spec``), the sinks too. The sink handles empty rows per
+shard exactly as on one device.
 """
 
 from __future__ import annotations
@@ -42,10 +48,12 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
 from maskjax.attention import masks as M
+from maskjax.attention import sharded
 from maskjax.attention.block_map import EMPTY, FULL
 
 # Logit of the per-head attention sink that makes rows with no allowed key give exactly zero (see module doc).
@@ -250,9 +258,10 @@ def _static_key(p: SplashPlan):
 
 
 def make_kernel(p: SplashPlan, heads: int, q_len: int, k_len: int, block_q: int, block_k: int,
-                interpret: bool):
-    """The (cached) single-device splash MHA kernel for this static mask and shape."""
-    key = (_static_key(p), heads, q_len, k_len, block_q, block_k, bool(interpret))
+                interpret: bool, head_shards: int = 1):
+    """The (cached) splash MHA kernel for this static mask and shape; with ``head_shards`` > 1 its mask tables are
+    laid out to be split over heads (``kernel.manual_sharding_spec``) inside a shard_map."""
+    key = (_static_key(p), heads, q_len, k_len, block_q, block_k, bool(interpret), head_shards)
     hit = _KERNELS.get(key)
     if hit is not None:
         _KERNELS.move_to_end(key)
@@ -262,7 +271,10 @@ def make_kernel(p: SplashPlan, heads: int, q_len: int, k_len: int, block_q: int,
                            block_q_dq=block_q, block_kv_dq=block_k)
     multi = sm.MultiHeadMask(tuple(_splash_masks(p, heads, q_len, k_len, block_q, block_k)))
     with jax.ensure_compile_time_eval():
-        kernel = sk.make_splash_mha_single_device(multi, block_sizes=blocks, interpret=bool(interpret))
+        kernel = sk.make_splash_mha(multi, block_sizes=blocks, interpret=bool(interpret), head_shards=head_shards,
+                                    q_seq_shards=1)
+    # Mask tables as numpy: a cached kernel must not carry the device or mesh it was first built under.
+    kernel = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, kernel)
     _KERNELS[key] = kernel
     if len(_KERNELS) > _KERNELS_SIZE:
         _KERNELS.popitem(last=False)
@@ -299,6 +311,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[M.
                      interpret: bool = False) -> jax.Array:
     """Masked attention with JAX's splash kernel; differentiable (splash's custom VJP).
 
+    Under a mesh of more than one device (``jax.sharding.get_abstract_mesh()``, e.g. from ``jax.set_mesh``) the
+    kernel runs inside ``jax.shard_map``: batch split over the mesh's 'data' / 'fsdp' axes, heads over 'model'
+    when it divides heads and kv_heads (``sharded.py`` has the rule); XLA cannot partition the kernel itself.
+
     Args:
       q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim]; float32 or bfloat16.
       mask: a ``maskjax.attention.masks.Mask`` or None (see the module docstring for what maps).
@@ -309,23 +325,44 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[M.
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype; rows with no allowed key are zeros with zero gradients.
     Raises:
-      ValueError: if splash cannot run this case (the message says why).
+      ValueError: if splash cannot run this case (the message says why), also when the batch does not divide
+        over the mesh's batch axes.
     """
     batch, q_len, heads, head_dim = q.shape
-    k_len = k.shape[1]
+    k_len, kv_heads = k.shape[1], k.shape[2]
     reason = unsupported_reason(q.shape, k.shape, (q.dtype, k.dtype, v.dtype), mask, block_q=block_q,
                                 block_k=block_k)
-    if reason:
-        raise ValueError(f"attention: backend='splash' cannot run this case: {reason}")
+    split, why = sharded.mesh_split(None, batch, heads, kv_heads)
+    if reason or why:
+        raise ValueError(f"attention: backend='splash' cannot run this case: {reason or why}")
     bq, bk = block_q or DEFAULT_BLOCK, block_k or DEFAULT_BLOCK
     p = plan(mask, q_len, k_len, batch, heads)
-    kernel = make_kernel(p, heads, q_len, k_len, bq, bk, interpret)
+    head_shards = 1 if split is None else split.head_shards
+    kernel = make_kernel(p, heads, q_len, k_len, bq, bk, interpret, head_shards)
     scale = head_dim ** -0.5 if scale is None else float(scale)
+    sinks = jnp.full((heads,), EMPTY_ROW_SINK, jnp.float32)
+    seg = _segment_arrays(p, batch, q_len, k_len)     # per example: split with the batch under a mesh
+    args = (kernel, sinks, q, k, v) + (() if seg is None else (seg,))
+    if split is None:
+        return _splash_local(*args, scale=scale)
+    # The mask tables split over heads like q (splash lays them out for head_shards); only the spec is used, on a
+    # plain copy of the mesh (shard_shape does not take meshes with manual axes).
+    plain = jax.sharding.AbstractMesh(split.mesh.axis_sizes, split.mesh.axis_names)
+    kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(plain, P(split.heads_axis, None)))
+    qkv = split.qkv_spec()
+    in_specs = (kernel_spec, P(split.heads_axis), qkv, qkv, qkv)
+    if seg is not None:
+        in_specs += (sk.SegmentIds(split.batch_spec(2), split.batch_spec(2)),)
+    body = functools.partial(_splash_local, scale=scale)
+    return split.shard_map(body, in_specs=in_specs, out_specs=qkv)(*args)
+
+
+def _splash_local(kernel, sinks, q, k, v, seg=None, *, scale: float) -> jax.Array:
+    """splash on one device's block: q [b, q_len, h, d], k / v [b, k_len, kv_h, d], sinks [h], seg per example."""
+    head_dim = q.shape[-1]
     q = (q.astype(jnp.float32) * scale).astype(v.dtype)
     pad = -head_dim % _LANES
     qt, kt, vt = (jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, 0), (0, pad))) for x in (q, k, v))
-    sinks = jnp.full((heads,), EMPTY_ROW_SINK, jnp.float32)
-    seg = _segment_arrays(p, batch, q_len, k_len)
     if seg is None:
         out = jax.vmap(lambda a, b, c: kernel(a, b, c, sinks=sinks))(qt, kt, vt)
     else:
