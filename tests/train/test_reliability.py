@@ -7,6 +7,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -284,10 +286,8 @@ def test_a_live_holder_keeps_the_workdir(tmp_path):
 
 
 def test_stale_locks_are_taken_over_with_a_warning(tmp_path, capsys):
-    dead = os.fork()
-    if dead == 0:
-        os._exit(0)
-    os.waitpid(dead, 0)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)  # a PID whose process has exited
     path = write_lock(tmp_path, pid=dead)
     lock = workdir_lib.WorkdirLock(str(tmp_path), stale_seconds=60)
     assert f"process {dead} on this host is gone" in lock.acquire()
