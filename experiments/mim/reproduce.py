@@ -83,6 +83,8 @@ def main(argv=None):
                 else:
                     config = MAE_CONFIGS[dataset]
                     overrides = {"mim.masking": "random", "mim.mask_ratio": 0.75, **overrides}
+                    if dataset == "builtin_shapes":  # the study's recipe (configs/mae_builtin.py:full)
+                        overrides.update({"model.decoder_depth": 2, "evals.eval.every": 200})
                 overrides["optimizer.warmup_steps"] = max(1, min(40, args.steps // 10))
                 if dataset == "fashion_mnist" and overrides.get("mim.masking") == "grid":
                     print(dataset, name, "skipped: 2x2 cells do not tile the 7x7 patch grid", flush=True)
