@@ -1,7 +1,7 @@
 """Supervised ViT on the built-in procedural shapes data set (the main job of the first release; now `make run`
 runs configs/mae_builtin.py).
 
-Command (about 3-4 minutes on 2 CPU cores):
+Command:
   python -m maskjax.main --config=configs/vit_builtin.py --workdir=workdirs/vit_builtin
 Smaller and faster (tests, notebooks): --config=configs/vit_builtin.py:runlocal
 Arguments (comma-separated key=value after ':'): runlocal, variant=<size/patch>, steps=<int>.
