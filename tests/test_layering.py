@@ -14,6 +14,7 @@ FORBIDDEN = {
     "models": ("maskjax.tasks", "maskjax.train", "maskjax.data", "ml_collections"),  # models read no configs
     "tasks": ("maskjax.train", "orbax"),  # tasks know no checkpoints or meshes
     "evaluate": ("maskjax.tasks", "maskjax.train"),
+    "decode": ("maskjax.models", "maskjax.tasks", "maskjax.train", "maskjax.data"),  # algorithms over logits_fn
     "data": ("maskjax.models", "maskjax.tasks", "maskjax.train"),
     # the trainer reaches tasks only through maskjax.tasks.make_task, never a task's own module
     "train": tuple(f"maskjax.tasks.{p.stem}" for p in (ROOT / "tasks").glob("*.py") if p.stem != "__init__"),
