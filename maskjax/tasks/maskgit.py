@@ -1,0 +1,317 @@
+"""MaskGIT training (task 'maskgit', model 'maskgit_transformer'): a frozen tokenizer run
+(`config.maskgit.tokenizer_workdir`, task 'tokenizer') turns images into token grids; the transformer learns to
+predict masked tokens. Per example: r ~ U[0, 1), mask ceil(gamma(r) * N) tokens (gamma = `maskgit.schedule`), and
+take the label-smoothed cross-entropy on the masked tokens only. Labels are replaced by the null class with
+probability `maskgit.label_drop`, which trains the unconditional branch of classifier-free guidance.
+
+Sampling (`sample`, the 'samples' gallery, `python -m maskjax.sample`) decodes with `maskjax.decode.decode`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Mapping, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from maskjax.decode import Guidance, check_decode_args, decode
+from maskjax.evaluate.metrics import softmax_cross_entropy
+from maskjax.masking.schedules import SCHEDULES, check_schedule, masked_count_for_training
+from maskjax.models.attention_options import AttentionOptions
+from maskjax.models.maskgit import MaskGITTransformer
+from maskjax.models.tokenizer import Tokenizer
+from maskjax.tasks.base import ModelSpec, build_model, register_model, register_task
+from maskjax.tasks.tokenizer import check_image_channels, image_grid, tokenizer_from_config
+
+Batch = Mapping[str, jax.Array]
+PURPOSE_TOKEN_MASK = 0x6D67  # folded into the step key: which tokens to mask
+PURPOSE_LABEL_DROP = 0x6C64
+
+
+def maskgit_schema() -> ml_collections.ConfigDict:
+    """`config.model` keys of the MaskGIT transformer (besides `name`)."""
+    m = ml_collections.ConfigDict()
+    m.codebook_size = -1  # Image codes; -1 = the tokenizer's (any other value must equal it).
+    m.num_classes = 10  # Classes of the class token (0 = unconditional: every example gets the null class).
+    m.width = 256  # Token width.
+    m.depth = 4  # Transformer blocks.
+    m.num_heads = 4  # Attention heads.
+    m.mlp_dim = 1024  # MLP hidden width.
+    m.dropout = 0.1  # Dropout on embeddings and in blocks (official MaskGIT: 0.1).
+    m.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); parameters stay float32.
+    m.attention_backend = "auto"  # Backend of maskjax.attention.attention ('auto', 'reference', 'blocked', ...).
+    return m
+
+
+def _fail(key: str, value: Any, why: str):
+    raise ValueError(f"config.{key}={value!r}: {why}")
+
+
+def validate_maskgit_model(config: ml_collections.ConfigDict) -> None:
+    m = config.model
+    for key in ("width", "depth", "num_heads", "mlp_dim"):
+        if m[key] < 1:
+            _fail(f"model.{key}", m[key], "must be >= 1")
+    if m.width % m.num_heads:
+        _fail("model.width", m.width, f"must be divisible by model.num_heads={m.num_heads}")
+    if m.num_classes < 0:
+        _fail("model.num_classes", m.num_classes, "must be >= 0 (0 = unconditional)")
+    if m.codebook_size == 0 or m.codebook_size < -1:
+        _fail("model.codebook_size", m.codebook_size, "must be the tokenizer's codebook size or -1 (take it)")
+    if not 0.0 <= m.dropout < 1.0:
+        _fail("model.dropout", m.dropout, "must be in [0, 1)")
+    if m.dtype not in ("float32", "bfloat16"):
+        _fail("model.dtype", m.dtype, "must be 'float32' or 'bfloat16'")
+    try:
+        AttentionOptions(backend=m.attention_backend)
+    except ValueError as err:
+        _fail("model.attention_backend", m.attention_backend, str(err))
+
+
+def read_tokenizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config of the tokenizer run `config.maskgit.tokenizer_workdir` (its config.json), checked to be one."""
+    workdir = config.maskgit.tokenizer_workdir
+    if not workdir:
+        _fail("maskgit.tokenizer_workdir", workdir, "needs the workdir of a trained tokenizer run (task 'tokenizer', "
+              "e.g. configs/tokenizer_builtin.py)")
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        _fail("maskgit.tokenizer_workdir", workdir, "has no config.json (not a maskjax run)")
+    with open(path) as f:
+        tokenizer_config = ml_collections.ConfigDict(json.load(f))
+    if tokenizer_config.get("task") != "tokenizer":
+        _fail("maskgit.tokenizer_workdir", workdir, f"is a run of task {tokenizer_config.get('task')!r}, not "
+              "'tokenizer'")
+    return tokenizer_config
+
+
+def transformer_from_config(config: ml_collections.ConfigDict, codebook_size: int,
+                            num_tokens: int) -> MaskGITTransformer:
+    m = config.model
+    if m.codebook_size not in (-1, codebook_size):
+        _fail("model.codebook_size", m.codebook_size, f"differs from the tokenizer's codebook size {codebook_size} "
+              f"(config.maskgit.tokenizer_workdir={config.maskgit.tokenizer_workdir!r}); use -1 to take it")
+    return MaskGITTransformer(codebook_size=codebook_size, num_classes=m.num_classes, num_tokens=num_tokens,
+                              width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+                              dropout=m.dropout, dtype=jnp.dtype(m.dtype),
+                              attention=AttentionOptions(backend=m.attention_backend))
+
+
+def _build_transformer(config: ml_collections.ConfigDict) -> MaskGITTransformer:
+    tokenizer = tokenizer_from_config(read_tokenizer_config(config))
+    grid = config.data.image_size // tokenizer.downsample
+    return transformer_from_config(config, tokenizer.vocab_size, grid * grid)
+
+
+register_model(ModelSpec(name="maskgit_transformer", schema=maskgit_schema, validate=validate_maskgit_model,
+                         build=_build_transformer))
+
+
+def random_token_mask(key: jax.Array, counts: jax.Array, num_tokens: int) -> jax.Array:
+    """bool [B, N]: a uniformly random subset of exactly `counts[b]` tokens per example (True = masked)."""
+    noise = jax.random.uniform(key, (counts.shape[0], num_tokens))
+    ranks = jnp.argsort(jnp.argsort(noise, axis=-1), axis=-1)
+    return ranks < counts[:, None]
+
+
+@register_task
+class MaskGITTask:
+    """Masked token modeling over a frozen tokenizer's grids. Fields: 'image', 'label'."""
+
+    name = "maskgit"
+    models = ("maskgit_transformer",)
+    feature_kinds = ()
+    batch_fields = ("image", "label")
+    free_form = ()
+
+    @classmethod
+    def config_section(cls) -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.tokenizer_workdir = ""  # Workdir of a trained tokenizer run (task 'tokenizer'); its weights stay frozen.
+        c.tokenizer_step = -1  # Its checkpoint step (-1 = latest).
+        c.schedule = "cosine"  # Mask schedule gamma of training and decoding (maskjax.masking.schedules).
+        c.label_smoothing = 0.1  # Label smoothing of the cross-entropy on masked tokens (official: 0.1).
+        c.label_drop = 0.1  # Probability of replacing the class by the null class in training (CFG); 0 = off.
+        c.decode_steps = 8  # Decoding steps of the samples evaluators draw.
+        c.choice_temperature = 4.5  # Gumbel temperature of the confidence, annealed linearly to 0 (official 4.5).
+        c.guidance_scale = 0.0  # Classifier-free guidance w of the samples evaluators draw (0 = off).
+        return c
+
+    @classmethod
+    def default_evals(cls) -> dict[str, dict]:
+        return {"eval": {"type": "metrics", "every": 500},
+                "samples": {"type": "gallery", "every": 0, "count": 10}}
+
+    @staticmethod
+    def validate_config(config: ml_collections.ConfigDict) -> None:
+        c = config.maskgit
+        try:
+            check_schedule(c.schedule, "config.maskgit.schedule")
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+        if not 0.0 <= c.label_smoothing < 1.0:
+            _fail("maskgit.label_smoothing", c.label_smoothing, "must be in [0, 1)")
+        if not 0.0 <= c.label_drop <= 1.0:
+            _fail("maskgit.label_drop", c.label_drop, "must be in [0, 1]")
+        if c.guidance_scale < 0:
+            _fail("maskgit.guidance_scale", c.guidance_scale, "must be >= 0")
+        if c.guidance_scale > 0 and (c.label_drop == 0 or config.model.num_classes == 0):
+            _fail("maskgit.guidance_scale", c.guidance_scale, "needs a trained null class: maskgit.label_drop > 0 "
+                  "and model.num_classes > 0")
+        if c.choice_temperature < 0:
+            _fail("maskgit.choice_temperature", c.choice_temperature, "must be >= 0")
+        read_tokenizer_config(config)
+
+    def __init__(self, config: ml_collections.ConfigDict, *, load_params: Optional[Callable] = None):
+        self.config = config
+        tokenizer_config = read_tokenizer_config(config)
+        self.tokenizer: Tokenizer = tokenizer_from_config(tokenizer_config)
+        if tokenizer_config.data.image_size != config.data.image_size:
+            _fail("data.image_size", config.data.image_size, f"differs from the tokenizer run's "
+                  f"{tokenizer_config.data.image_size} (config.maskgit.tokenizer_workdir)")
+        self.grid = config.data.image_size // self.tokenizer.downsample
+        self.num_tokens = self.grid * self.grid
+        self.model: MaskGITTransformer = build_model(config)
+        if config.maskgit.decode_steps < 1 or config.maskgit.decode_steps > self.num_tokens:
+            _fail("maskgit.decode_steps", config.maskgit.decode_steps, f"must be in [1, {self.num_tokens}] (the "
+                  "number of tokens)")
+        if load_params is None:
+            raise ValueError("MaskGITTask needs `load_params` to read the tokenizer's weights (the trainer passes "
+                             "maskjax.train.checkpoint.load_params)")
+        params, _ = load_params(config.maskgit.tokenizer_workdir, config.maskgit.tokenizer_step, "",
+                                config_key="maskgit.tokenizer")
+        self.tokenizer_params = jax.tree.map(jnp.asarray, params)
+
+    @property
+    def mask_id(self) -> int:
+        return self.model.mask_id
+
+    def check_data(self, source: Any) -> None:
+        check_image_channels(ml_collections.ConfigDict({"model": {"channels": self.tokenizer.channels},
+                                                        "data": {"name": self.config.data.name}}), source)
+        classes = getattr(source, "num_classes", None)
+        if self.config.model.num_classes and classes is not None and classes != self.config.model.num_classes:
+            raise ValueError(f"config.model.num_classes={self.config.model.num_classes} but data set "
+                             f"{self.config.data.name!r} has {classes} classes")
+
+    def tokenize(self, images: jax.Array) -> jax.Array:
+        """int32 [B, N] token ids of images [B, H, W, C] (frozen tokenizer)."""
+        ids = self.tokenizer.apply({"params": self.tokenizer_params}, images, method=Tokenizer.encode)
+        return jax.lax.stop_gradient(ids.reshape(images.shape[0], -1))
+
+    def detokenize(self, ids: jax.Array) -> jax.Array:
+        """Images [B, H, W, C] of token ids int32 [B, N]."""
+        ids = ids.reshape(ids.shape[0], self.grid, self.grid)
+        return self.tokenizer.apply({"params": self.tokenizer_params}, ids, method=Tokenizer.decode_ids)
+
+    def _labels(self, batch: Batch) -> jax.Array:
+        if self.config.model.num_classes == 0:
+            return jnp.full((batch["image"].shape[0],), self.model.null_class, jnp.int32)
+        return batch["label"].astype(jnp.int32)
+
+    def init(self, rng: jax.Array, batch: Batch) -> Any:
+        b = batch["image"].shape[0]
+        return self.model.init({"params": rng}, jnp.zeros((b, self.num_tokens), jnp.int32),
+                               jnp.zeros((b,), jnp.int32), train=False)
+
+    def _masked_loss(self, params: Any, ids: jax.Array, labels: jax.Array, key: jax.Array, train: bool,
+                     dropout_key: Optional[jax.Array] = None, smoothing: float = 0.0) -> tuple:
+        count_key, position_key = jax.random.split(key)
+        counts = masked_count_for_training(self.config.maskgit.schedule, count_key, ids.shape[0], self.num_tokens)
+        masked = random_token_mask(position_key, counts, self.num_tokens)
+        inputs = jnp.where(masked, self.mask_id, ids)
+        rngs = {"dropout": dropout_key} if dropout_key is not None else {}
+        logits = self.model.apply({"params": params}, inputs, labels, train=train, rngs=rngs)
+        losses = softmax_cross_entropy(logits, ids, smoothing)  # [B, N]
+        correct = (jnp.argmax(logits, -1) == ids).astype(jnp.float32)
+        return losses, correct, masked.astype(jnp.float32)
+
+    def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True,
+             step: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+        chex.assert_rank(batch["image"], 4)
+        ids = self.tokenize(batch["image"])
+        labels = self._labels(batch)
+        mask_key, drop_key, dropout_key = jax.random.split(jax.random.fold_in(rng, PURPOSE_TOKEN_MASK), 3)
+        if train and self.config.maskgit.label_drop > 0:
+            dropped = jax.random.bernoulli(drop_key, self.config.maskgit.label_drop, labels.shape)
+            labels = jnp.where(dropped, self.model.null_class, labels)
+        losses, correct, masked = self._masked_loss(params, ids, labels, mask_key, train, dropout_key,
+                                                    self.config.maskgit.label_smoothing)
+        total = jnp.maximum(jnp.sum(masked), 1.0)
+        return jnp.sum(losses * masked) / total, {"masked_accuracy": jnp.sum(correct * masked) / total,
+                                                  "masked_fraction": jnp.mean(masked)}
+
+    def eval_sums(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+        """Cross-entropy (nats, no smoothing) and accuracy on masked tokens, with a fixed draw of the masks."""
+        ids = self.tokenize(batch["image"])
+        losses, correct, masked = self._masked_loss(params, ids, self._labels(batch), jax.random.key(0), False)
+        masked = masked * batch["valid"].astype(jnp.float32)[:, None]
+        return {"count": jnp.sum(batch["valid"].astype(jnp.float32)), "masked_tokens": jnp.sum(masked),
+                "cross_entropy": jnp.sum(losses * masked), "masked_accuracy": jnp.sum(correct * masked)}
+
+    @staticmethod
+    def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
+        tokens = max(float(sums["masked_tokens"]), 1.0)
+        nats = float(sums["cross_entropy"]) / tokens
+        return {"loss": nats, "bits_per_masked_token": nats / float(np.log(2.0)),
+                "masked_accuracy": float(sums["masked_accuracy"]) / tokens}
+
+    def sample(self, params: Any, labels: jax.Array, rng: jax.Array, *, num_steps: Optional[int] = None,
+               schedule: Optional[str] = None, choice_temperature: Optional[float] = None,
+               guidance_scale: Optional[float] = None, guidance_ramp: str = "constant",
+               tokens: Optional[jax.Array] = None, temperature: float = 1.0,
+               top_k: int = 0) -> tuple[jax.Array, jax.Array]:
+        """(final token ids int32 [B, N], every step's ids [T, B, N]) for class `labels` int32 [B] (the null class
+        for unconditional samples), decoding from `tokens` (default: all masked). Unset options come from
+        `config.maskgit`."""
+        c = self.config.maskgit
+        num_steps = c.decode_steps if num_steps is None else num_steps
+        schedule = c.schedule if schedule is None else schedule
+        choice_temperature = c.choice_temperature if choice_temperature is None else choice_temperature
+        guidance_scale = c.guidance_scale if guidance_scale is None else guidance_scale
+        if tokens is None:
+            tokens = jnp.full((labels.shape[0], self.num_tokens), self.mask_id, jnp.int32)
+        check_decode_args(tuple(tokens.shape), num_steps, schedule, 0, None, temperature, top_k, self.mask_id)
+        if guidance_scale > 0 and (self.config.model.num_classes == 0 or c.label_drop == 0):
+            raise ValueError(f"guidance_scale={guidance_scale}: this model has no trained null class "
+                             f"(config.maskgit.label_drop={c.label_drop}, model.num_classes="
+                             f"{self.config.model.num_classes})")
+
+        def logits_fn(current, with_labels=labels):
+            return self.model.apply({"params": params}, current, with_labels, train=False)
+
+        guidance = None
+        if guidance_scale > 0:
+            null = jnp.full_like(labels, self.model.null_class)
+            guidance = Guidance(guidance_scale, lambda current: logits_fn(current, null), guidance_ramp)
+        return decode(tokens, rng, logits_fn, num_steps, schedule, mask_id=self.mask_id,
+                      choice_temperature=choice_temperature, guidance=guidance, temperature=temperature, top_k=top_k)
+
+    def predict(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+        """Class-conditional samples for the batch's labels, as images, with the images of every decoding step."""
+        final, history = self.sample(params, self._labels(batch), jax.random.key(0))
+        steps = jax.vmap(self.detokenize)(jnp.where(history == self.mask_id, 0, history))
+        return {"samples": self.detokenize(final), "steps": steps, "step_masks": history == self.mask_id}
+
+    def visualize(self, batch: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarray],
+                  class_names: Any = None) -> np.ndarray:
+        """Rows: the real images, samples of the same classes, then the decoding steps of the first sample."""
+        real, samples = np.asarray(batch["image"]), np.asarray(predictions["samples"])
+        steps = np.asarray(predictions["steps"])[:, 0].copy()  # [T, H, W, C]
+        masks = np.asarray(predictions["step_masks"])[:, 0].reshape(len(steps), self.grid, self.grid)
+        cell = real.shape[1] // self.grid
+        steps = np.where(np.kron(masks, np.ones((cell, cell)))[..., None].astype(bool), -1.0, steps)
+        width = len(real)
+        pad = lambda row: np.concatenate([row, np.full((max(width - len(row), 0),) + row.shape[1:], -1.0)])[:width]
+        return image_grid([real, samples, pad(steps)])
+
+    def features(self, params: Any, batch: Batch, kind: str) -> jax.Array:
+        raise ValueError("the maskgit task has no features for probes")
+
+
+__all__ = ["MaskGITTask", "maskgit_schema", "random_token_mask", "SCHEDULES"]
