@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
 _DIRECT = {"__getattr__", "__getitem__", "get"}
 _NOT_USES = {"flat_keys", "flat_config", "check_known_keys", "schema_of", "resume_changes", "validate",
-             "validate_vit", "validate_mae", "validate_config", "validate_evals", "check_target_and_scores",
+             "validate_vit", "validate_mae", "validate_tokenizer", "validate_maskgit_model", "validate_config", "validate_evals", "check_target_and_scores",
              "_check_resume_config", "to_json_best_effort"}
 # Keys read only on paths a 2-step local run does not take, each with where it is read.
 READ_ELSEWHERE = {
@@ -122,8 +122,10 @@ def reads_by_task(tmp_path_factory):
     """{task: keys read by name in any short run of a config file of that task (or one of its VARIANTS)}."""
     from maskjax.data import fashion_mnist
 
-    reads, teacher = {}, None
-    for name in sorted(CONFIG_FILES, key=lambda n: n != "vit_builtin.py"):  # its checkpoint is the MIM teacher
+    reads, teacher, tokenizer = {}, None, None
+    # vit_builtin's checkpoint is the MIM teacher, tokenizer_builtin's the tokenizer of the MaskGIT configs.
+    first = ("vit_builtin.py", "tokenizer_builtin.py")
+    for name in sorted(CONFIG_FILES, key=lambda n: (n not in first, n)):
         base = load(name).get_config("runlocal")
         if base.data.name == "fashion_mnist" and not fashion_mnist.available():
             continue
@@ -132,10 +134,14 @@ def reads_by_task(tmp_path_factory):
             if "mim__teacher__workdir" in variant:
                 variant = dict(variant, mim__teacher__workdir=teacher)
             override(config, **variant)
+            if config.task == "maskgit":
+                override(config, maskgit__tokenizer_workdir=tokenizer)
             workdir = str(tmp_path_factory.mktemp(name[:-3]))
             reads.setdefault(config.task, set()).update(reads_of_run(config, workdir))
             if name == "vit_builtin.py" and not variant:
                 teacher = workdir  # a classifier checkpoint for the MIM teacher variant
+            if name == "tokenizer_builtin.py" and not variant:
+                tokenizer = workdir
     return reads
 
 

@@ -1,0 +1,230 @@
+"""Tokenizer and MaskGIT tasks: losses and metrics against numpy, the tied head and token layout, label dropout,
+sampling, errors named before compute, and short trainer runs (tokenizer, then MaskGIT on its tokens)."""
+
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import maskgit_builtin, tokenizer_builtin
+from maskjax.models.maskgit import check_tokens
+from maskjax.tasks.maskgit import MaskGITTask
+from maskjax.tasks.tokenizer import TokenizerTask
+from maskjax.train import config as config_lib
+from maskjax.train.checkpoint import load_params
+from maskjax.train.trainer import Trainer
+from tests.configs import override
+
+
+def tokenizer_config(**overrides):
+    c = tokenizer_builtin.get_config("runlocal")
+    c.progress_bar, c.data.num_threads, c.async_checkpointing = False, 0, False
+    c.model.filters, c.model.embedding_dim, c.model.norm_groups = 8, 8, 4
+    c.model.fsq_levels = (4, 4, 3)  # 48 codes
+    c.evals.eval.examples, c.evals.eval.batch_size, c.evals.reconstructions.count = 64, 32, 4
+    return override(c, **overrides)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tmp_path_factory):
+    """A tiny FSQ tokenizer trained for 40 steps; its workdir feeds the MaskGIT tests."""
+    workdir = str(tmp_path_factory.mktemp("tokenizer"))
+    c = tokenizer_config(total_steps=40, checkpoint_every=40, evals__eval__every=0, log_every=5,
+                         optimizer__learning_rate=3e-3)
+    result = Trainer(c, workdir).run()
+    return workdir, c, result
+
+
+def maskgit_config(tokenizer_workdir, **overrides):
+    c = maskgit_builtin.get_config(f"runlocal,tokenizer={tokenizer_workdir}")
+    c.progress_bar, c.data.num_threads, c.async_checkpointing = False, 0, False
+    c.model.dropout = 0.0
+    c.evals.eval.examples, c.evals.eval.batch_size, c.evals.samples.count = 64, 32, 3
+    return override(c, **overrides)
+
+
+def images(n=4, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (n, 32, 32, 3)), jnp.float32)
+
+
+def maskgit_task(tokenizer_workdir, **overrides):
+    config = maskgit_config(tokenizer_workdir, **overrides)
+    config_lib.validate(config, 1)
+    return MaskGITTask(config, load_params=load_params)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer task
+def test_tokenizer_run_learns_and_draws_reconstructions(tokenizer_run):
+    workdir, _, _ = tokenizer_run
+    import json
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert losses[-1] < 0.7 * losses[0]
+    assert any(name.startswith("reconstructions") for name in os.listdir(os.path.join(workdir, "images")))
+    final = [r for r in records if "eval/psnr" in r][-1]
+    assert 0 < final["eval/codebook_usage"] <= 1 and final["eval/codebook_size"] == 48
+
+
+def test_tokenizer_metrics_match_numpy(tokenizer_run):
+    workdir, config, _ = tokenizer_run
+    task = TokenizerTask(config)
+    params, _ = load_params(workdir)
+    x = images(6)
+    batch = {"image": x, "valid": jnp.asarray([True] * 5 + [False])}
+    sums = jax.device_get(task.eval_sums(params, batch))
+    reconstruction, aux = task.model.apply({"params": params}, x)
+    ids = np.asarray(aux["ids"])[:5].reshape(-1)
+    counts = np.bincount(ids, minlength=48)
+    np.testing.assert_array_equal(np.asarray(sums["code_counts"]), counts)
+    metrics = task.summarize(sums)
+    p = counts[counts > 0] / counts.sum()
+    assert metrics["perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    assert metrics["codebook_usage"] == pytest.approx((counts > 0).mean())
+    mse = ((np.asarray(reconstruction) - np.asarray(x)) ** 2).mean(axis=(1, 2, 3))[:5]
+    assert metrics["psnr"] == pytest.approx(np.mean(10 * np.log10(4.0 / mse)), rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(model__norm_groups=5), "config.model.norm_groups=5: must divide"),
+    (dict(model__channel_multipliers=(1, 2, 2, 2), data__image_size=36), "config.data.image_size=36"),
+    (dict(model__quantizer="lfq"), "config.model.quantizer='lfq'"),
+    (dict(model__fsq_levels=(8, 1)), r"config.model.fsq_levels=\(8, 1\)"),
+    (dict(tokenizer__reconstruction_loss="l3"), "config.tokenizer.reconstruction_loss='l3'"),
+])
+def test_bad_tokenizer_config_is_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(tokenizer_config(**overrides), 1)
+
+
+def test_tokenizer_refuses_data_with_other_channels():
+    task = TokenizerTask(tokenizer_config(model__channels=1))
+    with pytest.raises(ValueError, match="config.model.channels=1 but data set 'builtin_shapes' has 3-channel"):
+        task.check_data([{"image": np.zeros((32, 32, 3), np.uint8)}])
+
+
+# -------------------------------------------------------------------------------------------------- maskgit model
+def test_token_layout_and_tied_head(tokenizer_run):
+    task = maskgit_task(tokenizer_run[0])
+    model = task.model
+    assert model.mask_id == 48 and model.null_class == 10 and model.vocab_size == 48 + 1 + 10 + 1
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 49, (2, task.num_tokens)), jnp.int32)
+    labels = jnp.asarray([3, 10], jnp.int32)
+    variables = task.init(jax.random.key(0), {"image": images(2)})
+    params = nn.meta.unbox(variables)["params"]
+    logits = model.apply({"params": params}, tokens, labels)
+    hidden = np.asarray(model.apply({"params": params}, tokens, labels, return_hidden=True), np.float64)
+    dense = params["mlm_dense"]
+    h = hidden @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
+    h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+    h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+    h = h * np.asarray(params["mlm_norm"]["scale"]) + np.asarray(params["mlm_norm"]["bias"])
+    embedding = np.asarray(params["token_embedding"])
+    want = h @ embedding[:48].T + np.asarray(params["mlm_bias"])
+    assert logits.shape == (2, task.num_tokens, 48)
+    np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4)
+    # The class token is row K + 1 + label: another label changes every logit.
+    other = model.apply({"params": params}, tokens, jnp.asarray([4, 10], jnp.int32))
+    assert np.abs(np.asarray(other[0] - logits[0])).max() > 1e-4
+    np.testing.assert_allclose(np.asarray(other[1]), np.asarray(logits[1]), atol=1e-6)
+
+
+def test_check_tokens_names_the_bad_id():
+    with pytest.raises(ValueError, match=r"tokens\[1, 2\]=49: token ids must be in \[0, 48\]"):
+        check_tokens(np.array([[0, 1, 2], [3, 4, 49]]), 48)
+    with pytest.raises(ValueError, match=r"tokens\[0, 0\]=-1"):
+        check_tokens(np.array([[-1, 1]]), 48)  # the official code's mask id is not one here
+
+
+# --------------------------------------------------------------------------------------------------- maskgit loss
+def test_loss_is_smoothed_cross_entropy_on_masked_tokens_only(tokenizer_run):
+    task = maskgit_task(tokenizer_run[0], maskgit__label_drop=0.0)
+    batch = {"image": images(8), "label": jnp.arange(8) % 10}
+    params = nn.meta.unbox(task.init(jax.random.key(0), batch))["params"]
+    key = jax.random.key(5)
+    loss, metrics = task.loss(params, batch, key, train=False)
+    ids = np.asarray(task.tokenize(batch["image"]))
+    from maskjax.tasks.maskgit import PURPOSE_TOKEN_MASK
+    mask_key = jax.random.split(jax.random.fold_in(key, PURPOSE_TOKEN_MASK), 3)[0]
+    _, _, masked = task._masked_loss(params, jnp.asarray(ids), batch["label"], mask_key, False)
+    masked = np.asarray(masked).astype(bool)
+    counts = masked.sum(-1)
+    assert counts.min() >= 1 and counts.max() <= task.num_tokens
+    inputs = np.where(masked, 48, ids)
+    logits = np.asarray(task.model.apply({"params": params}, jnp.asarray(inputs), batch["label"]), np.float64)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+    targets = np.eye(48)[ids] * 0.9 + 0.1 / 48
+    ce = -(targets * log_p).sum(-1)
+    assert float(loss) == pytest.approx(ce[masked].mean(), rel=1e-5)
+    assert float(metrics["masked_accuracy"]) == pytest.approx((logits.argmax(-1) == ids)[masked].mean())
+
+
+def test_masked_counts_follow_the_cosine_schedule_on_average(tokenizer_run):
+    task = maskgit_task(tokenizer_run[0])
+    ids = jnp.zeros((4096, task.num_tokens), jnp.int32)
+    from maskjax.masking.schedules import masked_count_for_training
+    from maskjax.tasks.maskgit import random_token_mask
+    counts = masked_count_for_training("cosine", jax.random.key(0), 4096, task.num_tokens)
+    masked = np.asarray(random_token_mask(jax.random.key(1), counts, task.num_tokens))
+    np.testing.assert_array_equal(masked.sum(-1), np.asarray(counts))
+    assert masked.mean() == pytest.approx(2 / math.pi, abs=0.02)
+    assert masked.mean(0).std() < 0.03  # every position equally likely
+    del ids
+
+
+def test_label_drop_trains_the_null_class(tokenizer_run):
+    task = maskgit_task(tokenizer_run[0], maskgit__label_drop=1.0)
+    batch = {"image": images(4), "label": jnp.asarray([1, 2, 3, 4])}
+    params = nn.meta.unbox(task.init(jax.random.key(0), batch))["params"]
+    dropped, _ = task.loss(params, batch, jax.random.key(2), train=True)
+    null, _ = task.loss(params, dict(batch, label=jnp.full((4,), 10)), jax.random.key(2), train=False)
+    kept, _ = task.loss(params, batch, jax.random.key(2), train=False)
+    assert float(dropped) == pytest.approx(float(null), rel=1e-6)
+    assert abs(float(dropped) - float(kept)) > 1e-6
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+def test_samples_are_codes_and_guidance_needs_a_null_class(tokenizer_run):
+    task = maskgit_task(tokenizer_run[0], maskgit__label_drop=0.1)
+    params = nn.meta.unbox(task.init(jax.random.key(0), {"image": images(2)}))["params"]
+    final, history = task.sample(params, jnp.asarray([0, 1]), jax.random.key(1), num_steps=4, guidance_scale=2.0)
+    assert final.shape == (2, task.num_tokens) and history.shape == (4, 2, task.num_tokens)
+    check_tokens(final, 48, allow_mask=False)
+    unconditional = maskgit_task(tokenizer_run[0], model__num_classes=0)
+    uparams = nn.meta.unbox(unconditional.init(jax.random.key(0), {"image": images(2)}))["params"]
+    with pytest.raises(ValueError, match="guidance_scale=1.5: this model has no trained null class"):
+        unconditional.sample(uparams, jnp.asarray([0, 0]), jax.random.key(1), guidance_scale=1.5)
+    with pytest.raises(ValueError, match="num_steps=65"):
+        task.sample(params, jnp.asarray([0, 1]), jax.random.key(1), num_steps=65)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(maskgit__schedule="cosin"), "config.maskgit.schedule='cosin'"),
+    (dict(maskgit__decode_steps=65), "config.maskgit.decode_steps=65"),
+    (dict(maskgit__guidance_scale=2.0, maskgit__label_drop=0.0), "config.maskgit.guidance_scale=2.0"),
+    (dict(model__codebook_size=1000), "config.model.codebook_size=1000: differs from the tokenizer's codebook "
+                                      "size 48"),
+])
+def test_bad_maskgit_config_is_named(tokenizer_run, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        maskgit_task(tokenizer_run[0], **overrides)
+
+
+def test_tokenizer_workdir_must_be_a_tokenizer_run(tmp_path):
+    with pytest.raises(ValueError, match="config.maskgit.tokenizer_workdir=.*has no config.json"):
+        config_lib.validate(maskgit_config(str(tmp_path)), 1)
+
+
+def test_short_maskgit_run_learns_and_draws_samples(tokenizer_run, tmp_path):
+    c = maskgit_config(tokenizer_run[0], total_steps=30, checkpoint_every=30, evals__eval__every=0, log_every=5,
+                       optimizer__learning_rate=3e-3)
+    Trainer(c, str(tmp_path)).run()
+    import json
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert losses[-1] < losses[0] - 0.3
+    assert any(name.startswith("samples") for name in os.listdir(tmp_path / "images"))
