@@ -145,7 +145,9 @@ class MaskGITTask:
     @classmethod
     def default_evals(cls) -> dict[str, dict]:
         return {"eval": {"type": "metrics", "every": 500},
-                "samples": {"type": "gallery", "every": 0, "count": 10}}
+                "samples": {"type": "gallery", "every": 0, "count": 10},
+                # Off until a classifier run is named: evals.quality.classifier_workdir and every >= 0.
+                "quality": {"type": "sample_quality", "every": -1}}
 
     @staticmethod
     def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -183,6 +185,7 @@ class MaskGITTask:
         if load_params is None:
             raise ValueError("MaskGITTask needs `load_params` to read the tokenizer's weights (the trainer passes "
                              "maskjax.train.checkpoint.load_params)")
+        self.load_params = load_params  # also reads the classifier of the 'sample_quality' evaluator
         params, _ = load_params(config.maskgit.tokenizer_workdir, config.maskgit.tokenizer_step, "",
                                 config_key="maskgit.tokenizer")
         self.tokenizer_params = jax.tree.map(jnp.asarray, params)
@@ -291,6 +294,22 @@ class MaskGITTask:
             guidance = Guidance(guidance_scale, lambda current: logits_fn(current, null), guidance_ramp)
         return decode(tokens, rng, logits_fn, num_steps, schedule, mask_id=self.mask_id,
                       choice_temperature=choice_temperature, guidance=guidance, temperature=temperature, top_k=top_k)
+
+    def generate_images(self, params: Any, labels: jax.Array, rng: jax.Array, **sampling) -> jax.Array:
+        """Images [B, H, W, C] sampled for class `labels` int32 [B] (options of `sample`)."""
+        return self.detokenize(self.sample(params, labels, rng, **sampling)[0])
+
+    @staticmethod
+    def sampling_overrides(options: ml_collections.ConfigDict) -> dict:
+        """`sample` keywords from a sample_quality evaluator's options (unset ones keep config.maskgit's)."""
+        out = {}
+        if options.decode_steps > 0:
+            out["num_steps"] = int(options.decode_steps)
+        if options.guidance_scale >= 0:
+            out["guidance_scale"] = float(options.guidance_scale)
+        if options.choice_temperature >= 0:
+            out["choice_temperature"] = float(options.choice_temperature)
+        return out
 
     def predict(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
         """Class-conditional samples for the batch's labels, as images, with the images of every decoding step."""

@@ -228,3 +228,53 @@ def test_short_maskgit_run_learns_and_draws_samples(tokenizer_run, tmp_path):
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert losses[-1] < losses[0] - 0.3
     assert any(name.startswith("samples") for name in os.listdir(tmp_path / "images"))
+
+
+# ---------------------------------------------------------------------------------------- sample-quality evaluator
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory):
+    """A tiny supervised ViT (3 steps) on the same data: the feature space of the sample-quality evaluator."""
+    from configs import vit_builtin
+    workdir = str(tmp_path_factory.mktemp("classifier"))
+    c = vit_builtin.get_config("runlocal")
+    c.progress_bar, c.data.num_threads, c.async_checkpointing = False, 0, False
+    c = override(c, total_steps=3, checkpoint_every=3, evals__eval__every=-1, evals__predictions__every=-1,
+                 optimizer__warmup_steps=1)
+    Trainer(c, workdir).run()
+    return workdir
+
+
+def test_sample_quality_evaluator_scores_samples_in_classifier_features(tokenizer_run, classifier_run, tmp_path):
+    c = maskgit_config(tokenizer_run[0], total_steps=2, checkpoint_every=2, optimizer__warmup_steps=1,
+                       evals__eval__every=-1,
+                       evals__samples__every=-1, evals__quality__every=0,
+                       evals__quality__classifier_workdir=classifier_run, evals__quality__num_samples=30,
+                       evals__quality__real_examples=40, evals__quality__batch_size=16,
+                       evals__quality__kid_subset_size=20, evals__quality__grid_per_class=2,
+                       evals__quality__decode_steps=2)
+    result = Trainer(c, str(tmp_path)).run()
+    import json
+    final = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
+    for name in ("frechet_distance", "kid", "precision", "recall", "class_accuracy"):
+        assert np.isfinite(final[f"quality/{name}"]), name
+    assert final["quality/num_samples"] == 30 and final["quality/num_real"] == 40
+    assert 0 <= final["quality/precision"] <= 1 and final["quality/frechet_distance"] > 0
+    assert any(n.startswith("quality_per_class") for n in os.listdir(tmp_path / "images"))
+    del result
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(evals__quality__every=0), "config.evals.quality.classifier_workdir='': needs the workdir"),
+    (dict(evals__quality__every=0, evals__quality__classifier_workdir="x", evals__quality__num_samples=3),
+     "config.evals.quality.num_samples=3: must exceed knn_k=3"),
+])
+def test_bad_sample_quality_options_are_named(tokenizer_run, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(maskgit_config(tokenizer_run[0], **overrides), 1)
+
+
+def test_sample_quality_refuses_a_run_that_is_not_a_classifier(tokenizer_run, tmp_path):
+    c = maskgit_config(tokenizer_run[0], evals__quality__every=0,
+                       evals__quality__classifier_workdir=tokenizer_run[0])
+    with pytest.raises(ValueError, match="is a run of task 'tokenizer', not 'classification'"):
+        Trainer(c, str(tmp_path))
