@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
 _DIRECT = {"__getattr__", "__getitem__", "get"}
 _NOT_USES = {"flat_keys", "flat_config", "check_known_keys", "schema_of", "resume_changes", "validate",
-             "validate_vit", "validate_mae", "validate_tokenizer", "validate_maskgit_model", "validate_config", "validate_evals", "check_target_and_scores",
+             "validate_vit", "validate_mae", "validate_tokenizer", "validate_maskgit_model", "sampling_overrides", "validate_config", "validate_evals", "check_target_and_scores",
              "_check_resume_config", "to_json_best_effort"}
 # Keys read only on paths a 2-step local run does not take, each with where it is read.
 READ_ELSEWHERE = {
@@ -134,8 +134,8 @@ def reads_by_task(tmp_path_factory):
             if "mim__teacher__workdir" in variant:
                 variant = dict(variant, mim__teacher__workdir=teacher)
             override(config, **variant)
-            if config.task == "maskgit":
-                override(config, maskgit__tokenizer_workdir=tokenizer)
+            if "tokenizer_workdir" in config.get(config.task, {}):
+                override(config, **{f"{config.task}__tokenizer_workdir": tokenizer})
             workdir = str(tmp_path_factory.mktemp(name[:-3]))
             reads.setdefault(config.task, set()).update(reads_of_run(config, workdir))
             if name == "vit_builtin.py" and not variant:

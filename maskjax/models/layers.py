@@ -163,7 +163,14 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array] = None, *,
-                 mask: Any = None, bias: Optional[jax.Array] = None) -> jax.Array:
+                 mask: Any = None, bias: Optional[jax.Array] = None,
+                 cache_positions: Optional[jax.Array] = None) -> jax.Array:
+        """`cache_positions` int32 [q_len] (self-attention only): key/value caching for incremental decoding. The
+        keys and values of the inputs are written at these sequence positions of the 'cache' collection (created
+        at the first such call, with that call's length as the sequence length), and the queries attend to the
+        whole cached sequence under `mask` [.., q_len, seq_len] (the caller says which positions are filled)."""
+        if cache_positions is not None and inputs_kv is not None:
+            raise ValueError("MultiHeadAttention: cache_positions needs self-attention (inputs_kv=None)")
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         chex.assert_rank([inputs_q, inputs_kv], 3)
         qkv_features = inputs_q.shape[-1] if self.qkv_features is None else self.qkv_features
@@ -191,6 +198,12 @@ class MultiHeadAttention(nn.Module):
             exact = q.shape[1] * k.shape[1] <= 4096 * 4096
             self.sow("intermediates", "max_abs_logit",
                      max_abs_logit(q, k, scale) if exact else logit_norm_bound(q, k, scale))
+        if cache_positions is not None:
+            cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+            cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+            cached_k.value = cached_k.value.at[:, cache_positions].set(k)
+            cached_v.value = cached_v.value.at[:, cache_positions].set(v)
+            k, v = cached_k.value, cached_v.value
         if self.is_mutable_collection(ATTENTION_MAPS) and not self.is_initializing():  # asked for (AttMask)
             self.sow(ATTENTION_MAPS, "probs", jnp.mean(attention_weights(q, k, mask, bias, scale=scale), axis=1))
         out = attention(q, k, v, mask=mask, bias=bias, scale=scale, **self.options.call_kwargs())
@@ -250,12 +263,14 @@ class Encoder1DBlock(nn.Module):
     attention: AttentionOptions = AttentionOptions()
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: Any = None, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: Any = None, train: bool = False,
+                 cache_positions: Optional[jax.Array] = None) -> jax.Array:
         chex.assert_rank(x, 3)
         x = constrain_tokens(x)
         y = layer_norm(self.layer_norm_eps, self.dtype, name="norm1")(x)
         y = MultiHeadAttention(num_heads=self.num_heads, qk_norm=self.qk_norm, layer_norm_eps=self.layer_norm_eps,
-                               dtype=self.dtype, options=self.attention, name="attn")(y, mask=mask)
+                               dtype=self.dtype, options=self.attention, name="attn")(
+            y, mask=mask, cache_positions=cache_positions)
         y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, dtype=self.dtype, name="ls1")(y)
@@ -283,7 +298,8 @@ class Encoder(nn.Module):
     `__call__(x [batch, tokens, embed], *, mask=None, train=False) -> (encoded [batch, tokens, embed], aux)`,
     aux['block_{i}'] = output of block i (before the final norm). `mask` is given to every block, or, as a
     list/tuple of `depth` masks, one per block. `attention` sets every block's attention (`AttentionOptions`,
-    resolved per block by `for_layer`).
+    resolved per block by `for_layer`). `cache_positions`: incremental decoding with a key/value cache (see
+    `MultiHeadAttention`).
     """
 
     depth: int
@@ -300,7 +316,8 @@ class Encoder(nn.Module):
     attention: AttentionOptions = AttentionOptions()
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, mask: Any = None, train: bool = False) -> tuple[jax.Array, dict]:
+    def __call__(self, x: jax.Array, *, mask: Any = None, train: bool = False,
+                 cache_positions: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
         block_cls = nn.remat(Encoder1DBlock, static_argnums=(3,)) if self.remat else Encoder1DBlock
         if isinstance(mask, (list, tuple)) and len(mask) != self.depth:
             raise ValueError(f"Encoder: got {len(mask)} per-block masks for depth={self.depth}")
@@ -319,7 +336,7 @@ class Encoder(nn.Module):
                 dtype=self.dtype,
                 attention=self.attention.for_layer(i, self.depth),
                 name=f"block_{i}",
-            )(x, layer_masks[i], train)
+            )(x, layer_masks[i], train, cache_positions)
             aux[f"block_{i}"] = x
         encoded = layer_norm(self.layer_norm_eps, self.dtype, name="encoder_norm")(x)
         return constrain_tokens(encoded), aux

@@ -62,39 +62,59 @@ class MaskGITTransformer(nn.Module):
     def class_token_ids(self, labels: jax.Array) -> jax.Array:
         return labels + self.codebook_size + 1
 
-    @nn.compact
+    def setup(self):
+        self.token_embedding = self.param("token_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (None, "embed")), (self.vocab_size, self.width), jnp.float32)
+        self.posemb = self.param("posemb", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("posemb_tokens", "embed")), (self.num_tokens + 1, self.width), jnp.float32)
+        self.embed_norm = layer_norm(self.layer_norm_eps, self.dtype)
+        self.embed_dropout = nn.Dropout(rate=self.dropout)
+        self.encoder = Encoder(depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+                               layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, attention=self.attention)
+        # MLM head tied to the embedding (BERT / official MaskGIT `MlmLayer`).
+        self.mlm_dense = nn.Dense(
+            self.width, dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
+        self.mlm_norm = layer_norm(self.layer_norm_eps, self.dtype)
+        self.mlm_bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                                   (self.codebook_size,), jnp.float32)
+
+    def _hidden(self, sequence: jax.Array, positions: jax.Array, train: bool, mask: Any,
+                cache_positions: Optional[jax.Array]) -> jax.Array:
+        x = jnp.take(self.token_embedding, sequence, axis=0) + jnp.take(self.posemb, positions, axis=0)[None]
+        x = self.embed_dropout(self.embed_norm(x.astype(self.dtype)), deterministic=not train)
+        return self.encoder(x, mask=mask, train=train, cache_positions=cache_positions)[0]
+
+    def logits_of_hidden(self, hidden: jax.Array) -> jax.Array:
+        """[B, n, width] -> [B, n, K]: the MLM head tied to the code rows of the token embedding."""
+        h = self.mlm_norm(nn.gelu(self.mlm_dense(hidden), approximate=False))
+        return jnp.einsum("bnd,kd->bnk", h.astype(jnp.float32), self.token_embedding[:self.codebook_size]) \
+            + self.mlm_bias
+
+    def sequence(self, tokens: jax.Array, labels: jax.Array) -> jax.Array:
+        """int32 [B, N + 1]: the class token (id K + 1 + label) followed by the image tokens."""
+        return jnp.concatenate([self.class_token_ids(labels)[:, None], tokens], axis=1)
+
     def __call__(self, tokens: jax.Array, labels: jax.Array, *, train: bool = False, mask: Any = None,
-                 return_hidden: bool = False) -> jax.Array:
-        """`mask`: an optional attention mask over the N + 1 positions (True = may attend; M2T / causal)."""
+                 return_hidden: bool = False, all_positions: bool = False) -> jax.Array:
+        """Logits [B, N, K] of the image positions. `mask`: an optional attention mask over the N + 1 positions
+        (True = may attend; M2T, causal). `all_positions`: logits of all N + 1 positions (autoregressive use:
+        position j predicts image token j + 1)."""
         chex.assert_rank(tokens, 2)
         chex.assert_rank(labels, 1)
         if tokens.shape[1] != self.num_tokens:
             raise ValueError(f"MaskGITTransformer: got {tokens.shape[1]} tokens per example, built for "
                              f"num_tokens={self.num_tokens}")
-        embedding = self.param("token_embedding", nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), (None, "embed")), (self.vocab_size, self.width), jnp.float32)
-        sequence = jnp.concatenate([self.class_token_ids(labels)[:, None], tokens], axis=1)
-        x = jnp.take(embedding, sequence, axis=0)
-        posemb = self.param("posemb", nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), ("posemb_tokens", "embed")), (self.num_tokens + 1, self.width), jnp.float32)
-        x = (x + posemb[None]).astype(self.dtype)
-        x = layer_norm(self.layer_norm_eps, self.dtype, name="embed_norm")(x)
-        x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
-        x, _ = Encoder(depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-                       layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, attention=self.attention,
-                       name="encoder")(x, mask=mask, train=train)
-        x = x[:, 1:]
-        if return_hidden:
-            return x
-        # MLM head tied to the embedding (BERT / official MaskGIT `MlmLayer`).
-        h = nn.Dense(self.width, dtype=self.dtype, name="mlm_dense",
-                     kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "mlp")),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
-        h = layer_norm(self.layer_norm_eps, self.dtype, name="mlm_norm")(nn.gelu(h, approximate=False))
-        bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-                          (self.codebook_size,), jnp.float32)
-        logits = jnp.einsum("bnd,kd->bnk", h.astype(jnp.float32), embedding[:self.codebook_size]) + bias
-        return logits
+        x = self._hidden(self.sequence(tokens, labels), jnp.arange(self.num_tokens + 1), train, mask, None)
+        x = x if all_positions else x[:, 1:]
+        return x if return_hidden else self.logits_of_hidden(x)
+
+    def at_positions(self, sequence_ids: jax.Array, positions: jax.Array, mask: Any) -> jax.Array:
+        """Incremental decoding with the key/value cache (apply with mutable=['cache']): sequence ids int32
+        [B, n] (class-token ids at position 0, image ids or the mask id at 1..N) at sequence positions int32 [n],
+        attending to the cached positions under `mask` [B or 1, 1, n, N + 1]. Returns logits [B, n, K]."""
+        return self.logits_of_hidden(self._hidden(sequence_ids, positions, False, mask, positions))
 
 
 def check_tokens(tokens: jax.Array, codebook_size: int, *, allow_mask: bool = True, name: str = "tokens") -> None:

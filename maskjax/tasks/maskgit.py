@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from maskjax.decode import Guidance, check_decode_args, decode
+from maskjax.decode import autoregressive as ar_decode
 from maskjax.evaluate.metrics import softmax_cross_entropy
 from maskjax.masking.schedules import SCHEDULES, check_schedule, masked_count_for_training
 from maskjax.models.attention_options import AttentionOptions
@@ -74,19 +75,20 @@ def validate_maskgit_model(config: ml_collections.ConfigDict) -> None:
 
 
 def read_tokenizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config of the tokenizer run `config.maskgit.tokenizer_workdir` (its config.json), checked to be one."""
-    workdir = config.maskgit.tokenizer_workdir
+    """The config of the tokenizer run `config.<task>.tokenizer_workdir` (its config.json), checked to be one."""
+    section = config.task
+    workdir = config[section].tokenizer_workdir
+    key = f"{section}.tokenizer_workdir"
     if not workdir:
-        _fail("maskgit.tokenizer_workdir", workdir, "needs the workdir of a trained tokenizer run (task 'tokenizer', "
-              "e.g. configs/tokenizer_builtin.py)")
+        _fail(key, workdir, "needs the workdir of a trained tokenizer run (task 'tokenizer', e.g. "
+              "configs/tokenizer_builtin.py)")
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        _fail("maskgit.tokenizer_workdir", workdir, "has no config.json (not a maskjax run)")
+        _fail(key, workdir, "has no config.json (not a maskjax run)")
     with open(path) as f:
         tokenizer_config = ml_collections.ConfigDict(json.load(f))
     if tokenizer_config.get("task") != "tokenizer":
-        _fail("maskgit.tokenizer_workdir", workdir, f"is a run of task {tokenizer_config.get('task')!r}, not "
-              "'tokenizer'")
+        _fail(key, workdir, f"is a run of task {tokenizer_config.get('task')!r}, not 'tokenizer'")
     return tokenizer_config
 
 
@@ -95,7 +97,8 @@ def transformer_from_config(config: ml_collections.ConfigDict, codebook_size: in
     m = config.model
     if m.codebook_size not in (-1, codebook_size):
         _fail("model.codebook_size", m.codebook_size, f"differs from the tokenizer's codebook size {codebook_size} "
-              f"(config.maskgit.tokenizer_workdir={config.maskgit.tokenizer_workdir!r}); use -1 to take it")
+              f"(config.{config.task}.tokenizer_workdir={config[config.task].tokenizer_workdir!r}); use -1 to take "
+              "it")
     return MaskGITTransformer(codebook_size=codebook_size, num_classes=m.num_classes, num_tokens=num_tokens,
                               width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
                               dropout=m.dropout, dtype=jnp.dtype(m.dtype),
@@ -119,15 +122,96 @@ def random_token_mask(key: jax.Array, counts: jax.Array, num_tokens: int) -> jax
     return ranks < counts[:, None]
 
 
-@register_task
-class MaskGITTask:
-    """Masked token modeling over a frozen tokenizer's grids. Fields: 'image', 'label'."""
+class TokenGeneratorBase:
+    """What MaskGIT and its autoregressive baseline share: the frozen tokenizer of `config.<task>.tokenizer_workdir`
+    (tokenize / detokenize), the class labels (the null class when unconditional), data checks and init."""
 
-    name = "maskgit"
+    name = ""
     models = ("maskgit_transformer",)
     feature_kinds = ()
     batch_fields = ("image", "label")
     free_form = ()
+
+    def __init__(self, config: ml_collections.ConfigDict, *, load_params: Optional[Callable] = None):
+        self.config = config
+        self.options = config[self.name]
+        tokenizer_config = read_tokenizer_config(config)
+        self.tokenizer: Tokenizer = tokenizer_from_config(tokenizer_config)
+        if tokenizer_config.data.image_size != config.data.image_size:
+            _fail("data.image_size", config.data.image_size, f"differs from the tokenizer run's "
+                  f"{tokenizer_config.data.image_size} (config.{self.name}.tokenizer_workdir)")
+        self.grid = config.data.image_size // self.tokenizer.downsample
+        self.num_tokens = self.grid * self.grid
+        self.model: MaskGITTransformer = build_model(config)
+        if load_params is None:
+            raise ValueError(f"{type(self).__name__} needs `load_params` to read the tokenizer's weights (the trainer "
+                             "passes maskjax.train.checkpoint.load_params)")
+        self.load_params = load_params  # also reads the classifier of the 'sample_quality' evaluator
+        params, _ = load_params(self.options.tokenizer_workdir, self.options.tokenizer_step, "",
+                                config_key=f"{self.name}.tokenizer")
+        self.tokenizer_params = jax.tree.map(jnp.asarray, params)
+
+    @property
+    def mask_id(self) -> int:
+        return self.model.mask_id
+
+    def check_data(self, source: Any) -> None:
+        check_image_channels(ml_collections.ConfigDict({"model": {"channels": self.tokenizer.channels},
+                                                        "data": {"name": self.config.data.name}}), source)
+        classes = getattr(source, "num_classes", None)
+        if self.config.model.num_classes and classes is not None and classes != self.config.model.num_classes:
+            raise ValueError(f"config.model.num_classes={self.config.model.num_classes} but data set "
+                             f"{self.config.data.name!r} has {classes} classes")
+
+    def tokenize(self, images: jax.Array) -> jax.Array:
+        """int32 [B, N] token ids of images [B, H, W, C] (frozen tokenizer)."""
+        ids = self.tokenizer.apply({"params": self.tokenizer_params}, images, method=Tokenizer.encode)
+        return jax.lax.stop_gradient(ids.reshape(images.shape[0], -1))
+
+    def detokenize(self, ids: jax.Array) -> jax.Array:
+        """Images [B, H, W, C] of token ids int32 [B, N]."""
+        ids = ids.reshape(ids.shape[0], self.grid, self.grid)
+        return self.tokenizer.apply({"params": self.tokenizer_params}, ids, method=Tokenizer.decode_ids)
+
+    def _labels(self, batch: Batch) -> jax.Array:
+        if self.config.model.num_classes == 0:
+            return jnp.full((batch["image"].shape[0],), self.model.null_class, jnp.int32)
+        return batch["label"].astype(jnp.int32)
+
+    def _drop_labels(self, labels: jax.Array, key: jax.Array, train: bool) -> jax.Array:
+        if train and self.options.label_drop > 0:
+            dropped = jax.random.bernoulli(key, self.options.label_drop, labels.shape)
+            labels = jnp.where(dropped, self.model.null_class, labels)
+        return labels
+
+    def init(self, rng: jax.Array, batch: Batch) -> Any:
+        b = batch["image"].shape[0]
+        return self.model.init({"params": rng}, jnp.zeros((b, self.num_tokens), jnp.int32),
+                               jnp.zeros((b,), jnp.int32), train=False)
+
+    def features(self, params: Any, batch: Batch, kind: str) -> jax.Array:
+        raise ValueError(f"the {self.name} task has no features for probes")
+
+    def visualize(self, batch: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarray],
+                  class_names: Any = None) -> np.ndarray:
+        """Rows: the real images, samples of the same classes, then the decoding steps of the first sample."""
+        real, samples = np.asarray(batch["image"]), np.asarray(predictions["samples"])
+        rows = [real, samples]
+        if "steps" in predictions:
+            steps = np.asarray(predictions["steps"])[:, 0].copy()  # [T, H, W, C]
+            masks = np.asarray(predictions["step_masks"])[:, 0].reshape(len(steps), self.grid, self.grid)
+            cell = real.shape[1] // self.grid
+            steps = np.where(np.kron(masks, np.ones((cell, cell)))[..., None].astype(bool), -1.0, steps)
+            width = len(real)
+            rows.append(np.concatenate([steps, np.full((max(width - len(steps), 0),) + steps.shape[1:], -1.0)])[:width])
+        return image_grid(rows)
+
+
+@register_task
+class MaskGITTask(TokenGeneratorBase):
+    """Masked token modeling over a frozen tokenizer's grids. Fields: 'image', 'label'."""
+
+    name = "maskgit"
 
     @classmethod
     def config_section(cls) -> ml_collections.ConfigDict:
@@ -170,57 +254,10 @@ class MaskGITTask:
         read_tokenizer_config(config)
 
     def __init__(self, config: ml_collections.ConfigDict, *, load_params: Optional[Callable] = None):
-        self.config = config
-        tokenizer_config = read_tokenizer_config(config)
-        self.tokenizer: Tokenizer = tokenizer_from_config(tokenizer_config)
-        if tokenizer_config.data.image_size != config.data.image_size:
-            _fail("data.image_size", config.data.image_size, f"differs from the tokenizer run's "
-                  f"{tokenizer_config.data.image_size} (config.maskgit.tokenizer_workdir)")
-        self.grid = config.data.image_size // self.tokenizer.downsample
-        self.num_tokens = self.grid * self.grid
-        self.model: MaskGITTransformer = build_model(config)
-        if config.maskgit.decode_steps < 1 or config.maskgit.decode_steps > self.num_tokens:
-            _fail("maskgit.decode_steps", config.maskgit.decode_steps, f"must be in [1, {self.num_tokens}] (the "
+        super().__init__(config, load_params=load_params)
+        if self.options.decode_steps < 1 or self.options.decode_steps > self.num_tokens:
+            _fail("maskgit.decode_steps", self.options.decode_steps, f"must be in [1, {self.num_tokens}] (the "
                   "number of tokens)")
-        if load_params is None:
-            raise ValueError("MaskGITTask needs `load_params` to read the tokenizer's weights (the trainer passes "
-                             "maskjax.train.checkpoint.load_params)")
-        self.load_params = load_params  # also reads the classifier of the 'sample_quality' evaluator
-        params, _ = load_params(config.maskgit.tokenizer_workdir, config.maskgit.tokenizer_step, "",
-                                config_key="maskgit.tokenizer")
-        self.tokenizer_params = jax.tree.map(jnp.asarray, params)
-
-    @property
-    def mask_id(self) -> int:
-        return self.model.mask_id
-
-    def check_data(self, source: Any) -> None:
-        check_image_channels(ml_collections.ConfigDict({"model": {"channels": self.tokenizer.channels},
-                                                        "data": {"name": self.config.data.name}}), source)
-        classes = getattr(source, "num_classes", None)
-        if self.config.model.num_classes and classes is not None and classes != self.config.model.num_classes:
-            raise ValueError(f"config.model.num_classes={self.config.model.num_classes} but data set "
-                             f"{self.config.data.name!r} has {classes} classes")
-
-    def tokenize(self, images: jax.Array) -> jax.Array:
-        """int32 [B, N] token ids of images [B, H, W, C] (frozen tokenizer)."""
-        ids = self.tokenizer.apply({"params": self.tokenizer_params}, images, method=Tokenizer.encode)
-        return jax.lax.stop_gradient(ids.reshape(images.shape[0], -1))
-
-    def detokenize(self, ids: jax.Array) -> jax.Array:
-        """Images [B, H, W, C] of token ids int32 [B, N]."""
-        ids = ids.reshape(ids.shape[0], self.grid, self.grid)
-        return self.tokenizer.apply({"params": self.tokenizer_params}, ids, method=Tokenizer.decode_ids)
-
-    def _labels(self, batch: Batch) -> jax.Array:
-        if self.config.model.num_classes == 0:
-            return jnp.full((batch["image"].shape[0],), self.model.null_class, jnp.int32)
-        return batch["label"].astype(jnp.int32)
-
-    def init(self, rng: jax.Array, batch: Batch) -> Any:
-        b = batch["image"].shape[0]
-        return self.model.init({"params": rng}, jnp.zeros((b, self.num_tokens), jnp.int32),
-                               jnp.zeros((b,), jnp.int32), train=False)
 
     def _masked_loss(self, params: Any, ids: jax.Array, labels: jax.Array, key: jax.Array, train: bool,
                      dropout_key: Optional[jax.Array] = None, smoothing: float = 0.0) -> tuple:
@@ -240,9 +277,7 @@ class MaskGITTask:
         ids = self.tokenize(batch["image"])
         labels = self._labels(batch)
         mask_key, drop_key, dropout_key = jax.random.split(jax.random.fold_in(rng, PURPOSE_TOKEN_MASK), 3)
-        if train and self.config.maskgit.label_drop > 0:
-            dropped = jax.random.bernoulli(drop_key, self.config.maskgit.label_drop, labels.shape)
-            labels = jnp.where(dropped, self.model.null_class, labels)
+        labels = self._drop_labels(labels, drop_key, train)
         losses, correct, masked = self._masked_loss(params, ids, labels, mask_key, train, dropout_key,
                                                     self.config.maskgit.label_smoothing)
         total = jnp.maximum(jnp.sum(masked), 1.0)
@@ -317,20 +352,124 @@ class MaskGITTask:
         steps = jax.vmap(self.detokenize)(jnp.where(history == self.mask_id, 0, history))
         return {"samples": self.detokenize(final), "steps": steps, "step_masks": history == self.mask_id}
 
-    def visualize(self, batch: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarray],
-                  class_names: Any = None) -> np.ndarray:
-        """Rows: the real images, samples of the same classes, then the decoding steps of the first sample."""
-        real, samples = np.asarray(batch["image"]), np.asarray(predictions["samples"])
-        steps = np.asarray(predictions["steps"])[:, 0].copy()  # [T, H, W, C]
-        masks = np.asarray(predictions["step_masks"])[:, 0].reshape(len(steps), self.grid, self.grid)
-        cell = real.shape[1] // self.grid
-        steps = np.where(np.kron(masks, np.ones((cell, cell)))[..., None].astype(bool), -1.0, steps)
-        width = len(real)
-        pad = lambda row: np.concatenate([row, np.full((max(width - len(row), 0),) + row.shape[1:], -1.0)])[:width]
-        return image_grid([real, samples, pad(steps)])
 
-    def features(self, params: Any, batch: Batch, kind: str) -> jax.Array:
-        raise ValueError("the maskgit task has no features for probes")
+@register_task
+class AutoregressiveTask(TokenGeneratorBase):
+    """The autoregressive baseline: the same transformer, causal in raster order over [class, t_1 .. t_N] (position
+    j predicts t_{j+1}), trained with next-token cross-entropy on every token and sampled with a key/value cache
+    (`maskjax.decode.autoregressive`). Fields: 'image', 'label'."""
+
+    name = "autoregressive"
+
+    @classmethod
+    def config_section(cls) -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.tokenizer_workdir = ""  # Workdir of a trained tokenizer run (task 'tokenizer'); its weights stay frozen.
+        c.tokenizer_step = -1  # Its checkpoint step (-1 = latest).
+        c.label_smoothing = 0.0  # Label smoothing of the next-token cross-entropy.
+        c.temperature = 1.0  # Sampling temperature.
+        c.top_k = 0  # Sample among the k most likely codes (0 = all).
+        return c
+
+    @classmethod
+    def default_evals(cls) -> dict[str, dict]:
+        return {"eval": {"type": "metrics", "every": 500},
+                "samples": {"type": "gallery", "every": 0, "count": 10},
+                "quality": {"type": "sample_quality", "every": -1}}
+
+    @staticmethod
+    def validate_config(config: ml_collections.ConfigDict) -> None:
+        c = config.autoregressive
+        if not 0.0 <= c.label_smoothing < 1.0:
+            _fail("autoregressive.label_smoothing", c.label_smoothing, "must be in [0, 1)")
+        if c.temperature <= 0:
+            _fail("autoregressive.temperature", c.temperature, "must be > 0")
+        if c.top_k < 0:
+            _fail("autoregressive.top_k", c.top_k, "must be >= 0 (0 = off)")
+        read_tokenizer_config(config)
+
+    def _drop_labels(self, labels: jax.Array, key: jax.Array, train: bool) -> jax.Array:
+        return labels  # no classifier-free guidance for the baseline
+
+    def _logits(self, params: Any, ids: jax.Array, labels: jax.Array, train: bool = False,
+                dropout_key: Optional[jax.Array] = None) -> jax.Array:
+        """[B, N, K]: the logits of every image token given the tokens before it."""
+        rngs = {"dropout": dropout_key} if dropout_key is not None else {}
+        logits = self.model.apply({"params": params}, ids, labels, train=train, rngs=rngs,
+                                  mask=ar_decode.causal_mask(self.num_tokens + 1), all_positions=True)
+        return logits[:, :-1]
+
+    def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True,
+             step: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+        chex.assert_rank(batch["image"], 4)
+        ids = self.tokenize(batch["image"])
+        logits = self._logits(params, ids, self._labels(batch), train, jax.random.fold_in(rng, PURPOSE_TOKEN_MASK))
+        losses = softmax_cross_entropy(logits, ids, self.options.label_smoothing)
+        return jnp.mean(losses), {"accuracy": jnp.mean((jnp.argmax(logits, -1) == ids).astype(jnp.float32))}
+
+    def eval_sums(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+        """Cross-entropy (nats, no smoothing) and accuracy of every token given its predecessors."""
+        ids = self.tokenize(batch["image"])
+        logits = self._logits(params, ids, self._labels(batch))
+        valid = batch["valid"].astype(jnp.float32)[:, None]
+        losses = softmax_cross_entropy(logits, ids)
+        return {"count": jnp.sum(valid), "tokens": jnp.sum(valid * jnp.ones_like(losses)),
+                "cross_entropy": jnp.sum(losses * valid),
+                "accuracy": jnp.sum((jnp.argmax(logits, -1) == ids) * valid)}
+
+    @staticmethod
+    def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
+        tokens = max(float(sums["tokens"]), 1.0)
+        nats = float(sums["cross_entropy"]) / tokens
+        return {"loss": nats, "bits_per_token": nats / float(np.log(2.0)),
+                "accuracy": float(sums["accuracy"]) / tokens}
+
+    def empty_cache(self, params: Any, batch_size: int) -> Any:
+        """The model's key/value cache for N + 1 positions, zeroed."""
+        length = self.num_tokens + 1
+        _, state = self.model.apply({"params": params}, jnp.zeros((batch_size, length), jnp.int32),
+                                    jnp.arange(length), ar_decode.causal_mask(length),
+                                    method=MaskGITTransformer.at_positions, mutable=["cache"])
+        return jax.tree.map(jnp.zeros_like, state["cache"])
+
+    def sample(self, params: Any, labels: jax.Array, rng: jax.Array, *, cached: bool = True,
+               temperature: Optional[float] = None, top_k: Optional[int] = None) -> jax.Array:
+        """Token ids int32 [B, N] for class `labels` int32 [B], in raster order, with the key/value cache or (the
+        reference) a full causal pass per token; both draw the same samples."""
+        temperature = self.options.temperature if temperature is None else temperature
+        top_k = self.options.top_k if top_k is None else top_k
+        prefix = self.model.class_token_ids(labels)[:, None]
+        length = self.num_tokens + 1
+        if not cached:
+            def forward(sequence):
+                return self.model.apply({"params": params}, sequence[:, 1:], labels,
+                                        mask=ar_decode.causal_mask(length), all_positions=True)
+            return ar_decode.uncached_decode(prefix, rng, forward, length, temperature=temperature, top_k=top_k)
+
+        def step_fn(cache, ids, positions, mask):
+            logits, state = self.model.apply({"params": params, "cache": cache}, ids, positions, mask,
+                                             method=MaskGITTransformer.at_positions, mutable=["cache"])
+            return logits, state["cache"]
+        return ar_decode.decode_cached(prefix, rng, step_fn, self.empty_cache(params, labels.shape[0]), length,
+                                       temperature=temperature, top_k=top_k)
+
+    def generate_images(self, params: Any, labels: jax.Array, rng: jax.Array, **sampling) -> jax.Array:
+        """Images [B, H, W, C] sampled for class `labels` int32 [B]."""
+        return self.detokenize(self.sample(params, labels, rng, **sampling))
+
+    @staticmethod
+    def sampling_overrides(options: ml_collections.ConfigDict) -> dict:
+        """The sample_quality options that apply here: none (decode steps, guidance and choice temperature are
+        MaskGIT's); ValueErrors when one is set."""
+        for key, unset in (("decode_steps", 0), ("guidance_scale", -1.0), ("choice_temperature", -1.0)):
+            if options[key] != unset:
+                raise ValueError(f"config.evals.<sample_quality>.{key}={options[key]!r}: the autoregressive task "
+                                 f"has no such setting (leave it at {unset})")
+        return {}
+
+    def predict(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+        """Class-conditional samples for the batch's labels, as images."""
+        return {"samples": self.generate_images(params, self._labels(batch), jax.random.key(0))}
 
 
-__all__ = ["MaskGITTask", "maskgit_schema", "random_token_mask", "SCHEDULES"]
+__all__ = ["MaskGITTask", "AutoregressiveTask", "TokenGeneratorBase", "maskgit_schema", "random_token_mask", "SCHEDULES"]

@@ -278,3 +278,72 @@ def test_sample_quality_refuses_a_run_that_is_not_a_classifier(tokenizer_run, tm
                        evals__quality__classifier_workdir=tokenizer_run[0])
     with pytest.raises(ValueError, match="is a run of task 'tokenizer', not 'classification'"):
         Trainer(c, str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ autoregressive baseline
+def ar_task(tokenizer_workdir, **overrides):
+    from configs import autoregressive_builtin
+    from maskjax.tasks.maskgit import AutoregressiveTask
+    c = autoregressive_builtin.get_config(f"runlocal,tokenizer={tokenizer_workdir}")
+    c.model.dropout = 0.0
+    override(c, **overrides)
+    config_lib.validate(c, 1)
+    return AutoregressiveTask(c, load_params=load_params)
+
+
+def test_cached_logits_equal_the_causal_forward_pass(tokenizer_run):
+    from maskjax.decode.autoregressive import causal_mask
+    task = ar_task(tokenizer_run[0], model__depth=2)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 48, (3, task.num_tokens)), jnp.int32)
+    labels = jnp.asarray([0, 5, 9])
+    params = nn.meta.unbox(task.init(jax.random.key(0), {"image": images(3)}))["params"]
+    full = task._logits(params, ids, labels)  # [B, N, K]: token j+1 given tokens <= j
+    sequence = task.model.sequence(ids, labels)
+    cache = task.empty_cache(params, 3)
+    length = task.num_tokens + 1
+    # Prefill 5 positions, then one position at a time.
+    logits, state = task.model.apply({"params": params, "cache": cache}, sequence[:, :5], jnp.arange(5),
+                                     causal_mask(length)[:, :, :5], method=task.model.at_positions, mutable=["cache"])
+    got = [logits]
+    cache = state["cache"]
+    for position in range(5, task.num_tokens):
+        mask = (jnp.arange(length) <= position)[None, None, None]
+        logits, state = task.model.apply({"params": params, "cache": cache}, sequence[:, position:position + 1],
+                                         jnp.asarray([position]), mask, method=task.model.at_positions,
+                                         mutable=["cache"])
+        got.append(logits)
+        cache = state["cache"]
+    np.testing.assert_allclose(np.concatenate(got, axis=1), np.asarray(full), atol=2e-5, rtol=1e-5)
+
+
+def test_cached_decode_draws_the_same_samples_as_uncached(tokenizer_run):
+    task = ar_task(tokenizer_run[0])
+    params = nn.meta.unbox(task.init(jax.random.key(0), {"image": images(2)}))["params"]
+    labels = jnp.asarray([1, 7])
+    cached = task.sample(params, labels, jax.random.key(3))
+    uncached = task.sample(params, labels, jax.random.key(3), cached=False)
+    assert cached.shape == (2, task.num_tokens)
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
+    check_tokens(cached, 48, allow_mask=False)
+
+
+def test_ar_loss_is_next_token_cross_entropy(tokenizer_run):
+    task = ar_task(tokenizer_run[0], autoregressive__label_smoothing=0.0)
+    batch = {"image": images(2), "label": jnp.asarray([2, 3])}
+    params = nn.meta.unbox(task.init(jax.random.key(0), batch))["params"]
+    loss, _ = task.loss(params, batch, jax.random.key(1), train=False)
+    ids = np.asarray(task.tokenize(batch["image"]))
+    # Independent: the full sequence's logits, one position shifted, by a plain forward pass without the helper.
+    mask = np.tril(np.ones((task.num_tokens + 1,) * 2, bool))[None, None]
+    logits = np.asarray(task.model.apply({"params": params}, jnp.asarray(ids), batch["label"], mask=jnp.asarray(mask),
+                                         all_positions=True), np.float64)[:, :-1]
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    want = -np.take_along_axis(log_p, ids[..., None], -1).mean()
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    # Causality: changing the last token does not change the loss terms before it.
+    changed = ids.copy()
+    changed[:, -1] = (changed[:, -1] + 1) % 48
+    again = np.asarray(task.model.apply({"params": params}, jnp.asarray(changed), batch["label"],
+                                        mask=jnp.asarray(mask), all_positions=True))[:, :-1]
+    np.testing.assert_allclose(again, logits, atol=1e-5)
