@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SCHEDULE_FLOOR = 1e-6
 
@@ -102,3 +103,55 @@ def masked_after_step(name: str, step: jax.Array, num_steps: int, masked_at_star
     target = jnp.floor(start.astype(jnp.float32) * gamma + 1e-3).astype(jnp.int32)
     target = jnp.maximum(jnp.minimum(jnp.maximum(target, 1), masked_now - 1), 0)
     return jnp.where(jnp.asarray(step) >= num_steps - 1, 0, target).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------ deterministic orders (M2T, Halton-MaskGIT)
+def _radical_inverse(index: int, base: int) -> float:
+    result, fraction = 0.0, 1.0 / base
+    while index > 0:
+        index, digit = divmod(index, base)
+        result += digit * fraction
+        fraction /= base
+    return result
+
+
+def halton_order(grid_hw: tuple[int, int]) -> np.ndarray:
+    """int32 [H * W]: the row-major token indices in the order the 2-D Halton sequence (bases 2 and 3) first visits
+    their cells, a quasi-random order that spreads every prefix evenly over the grid (Halton-MaskGIT)."""
+    height, width = grid_hw
+    seen, order, index = np.zeros(height * width, bool), [], 1
+    while len(order) < height * width:
+        row = int(_radical_inverse(index, 2) * height)
+        col = int(_radical_inverse(index, 3) * width)
+        cell = row * width + col
+        if not seen[cell]:
+            seen[cell] = True
+            order.append(cell)
+        index += 1
+    return np.asarray(order, np.int32)
+
+
+def step_group_sizes(name: str, num_tokens: int, num_steps: int) -> np.ndarray:
+    """int [T]: tokens decoded at each of `num_steps` steps when all `num_tokens` start masked (the counts of
+    `masked_after_step`); every size is >= 1 and they sum to N."""
+    check_schedule(name)
+    if not 1 <= num_steps <= num_tokens:
+        raise ValueError(f"num_steps={num_steps}: must be in [1, {num_tokens}] (the number of tokens)")
+    remaining, sizes = num_tokens, []
+    for step in range(num_steps):
+        after = int(masked_after_step(name, step, num_steps, np.array([num_tokens]), np.array([remaining]))[0])
+        sizes.append(remaining - after)
+        remaining = after
+    return np.asarray(sizes, np.int64)
+
+
+def token_groups(order: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """int32 [N]: the step (1-based group id; 0 is left for prefix tokens such as the class) at which each token
+    is decoded, when tokens are decoded in `order` [N] in groups of `sizes` [T]."""
+    order = np.asarray(order)
+    if sorted(order.tolist()) != list(range(len(order))) or int(np.sum(sizes)) != len(order):
+        raise ValueError(f"token_groups: order must be a permutation of the {len(order)} tokens and the sizes "
+                         f"{list(sizes)} must sum to it")
+    groups = np.zeros(len(order), np.int32)
+    groups[order] = np.repeat(np.arange(1, len(sizes) + 1), sizes)
+    return groups

@@ -21,8 +21,10 @@ import numpy as np
 
 from maskjax.decode import Guidance, check_decode_args, decode
 from maskjax.decode import autoregressive as ar_decode
+from maskjax.decode import m2t as m2t_decode
 from maskjax.evaluate.metrics import softmax_cross_entropy
-from maskjax.masking.schedules import SCHEDULES, check_schedule, masked_count_for_training
+from maskjax.masking.schedules import (SCHEDULES, check_schedule, halton_order, masked_count_for_training,
+                                       step_group_sizes, token_groups)
 from maskjax.models.attention_options import AttentionOptions
 from maskjax.models.maskgit import MaskGITTransformer
 from maskjax.models.tokenizer import Tokenizer
@@ -472,4 +474,150 @@ class AutoregressiveTask(TokenGeneratorBase):
         return {"samples": self.generate_images(params, self._labels(batch), jax.random.key(0))}
 
 
-__all__ = ["MaskGITTask", "AutoregressiveTask", "TokenGeneratorBase", "maskgit_schema", "random_token_mask", "SCHEDULES"]
+@register_task
+class M2TTask(TokenGeneratorBase):
+    """M2T (Mentzer et al. 2023): MaskGIT with a fixed, data-independent decoding order (token groups of a quasi-random
+    Halton order, sized by the schedule), trained with masked inputs *and* an attention mask in which a token sees
+    only the class token and tokens of earlier groups, so decoding can cache the keys and values of decoded groups
+    (`maskjax.decode.m2t`). Per example: a step t ~ U{1..T}; groups >= t are masked; cross-entropy on the masked
+    tokens. Quality: bits per token, -log2 p of the true tokens of each group given the earlier ones. Fields:
+    'image', 'label'."""
+
+    name = "m2t"
+
+    @classmethod
+    def config_section(cls) -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.tokenizer_workdir = ""  # Workdir of a trained tokenizer run (task 'tokenizer'); its weights stay frozen.
+        c.tokenizer_step = -1  # Its checkpoint step (-1 = latest).
+        c.schedule = "cosine"  # Mask schedule that sizes the groups (maskjax.masking.schedules).
+        c.decode_steps = 8  # Groups T (decoding steps).
+        c.order = "halton"  # Token order: 'halton' (quasi-random, spread over the grid) or 'raster'.
+        c.label_smoothing = 0.1  # Label smoothing of the cross-entropy on masked tokens.
+        c.temperature = 1.0  # Sampling temperature.
+        return c
+
+    @classmethod
+    def default_evals(cls) -> dict[str, dict]:
+        return {"eval": {"type": "metrics", "every": 500},
+                "samples": {"type": "gallery", "every": 0, "count": 10},
+                "quality": {"type": "sample_quality", "every": -1}}
+
+    @staticmethod
+    def validate_config(config: ml_collections.ConfigDict) -> None:
+        c = config.m2t
+        try:
+            check_schedule(c.schedule, "config.m2t.schedule")
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+        if c.order not in ("halton", "raster"):
+            _fail("m2t.order", c.order, "must be 'halton' or 'raster'")
+        if not 0.0 <= c.label_smoothing < 1.0:
+            _fail("m2t.label_smoothing", c.label_smoothing, "must be in [0, 1)")
+        if c.temperature <= 0:
+            _fail("m2t.temperature", c.temperature, "must be > 0")
+        if not 1 <= c.decode_steps <= 30:
+            _fail("m2t.decode_steps", c.decode_steps, "must be in [1, 30] (group routing holds 31 groups)")
+        read_tokenizer_config(config)
+
+    def __init__(self, config: ml_collections.ConfigDict, *, load_params: Optional[Callable] = None):
+        super().__init__(config, load_params=load_params)
+        o = self.options
+        if o.decode_steps > self.num_tokens:
+            _fail("m2t.decode_steps", o.decode_steps, f"must be <= {self.num_tokens} (the number of tokens)")
+        order = halton_order((self.grid, self.grid)) if o.order == "halton" else np.arange(self.num_tokens)
+        self.token_group = token_groups(order, step_group_sizes(o.schedule, self.num_tokens, o.decode_steps))
+        self.groups = np.concatenate([[0], self.token_group]).astype(np.int32)  # [N + 1], class token in group 0
+
+    def _routing(self):
+        return m2t_decode.attention_mask(self.groups)
+
+    def _masked_inputs(self, ids: jax.Array, first_masked_group: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(inputs int32 [B, N], masked bool [B, N]): groups >= `first_masked_group` [B] replaced by the mask id."""
+        masked = jnp.asarray(self.token_group)[None] >= first_masked_group[:, None]
+        return jnp.where(masked, self.mask_id, ids), masked
+
+    def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True,
+             step: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+        chex.assert_rank(batch["image"], 4)
+        ids = self.tokenize(batch["image"])
+        step_key, dropout_key = jax.random.split(jax.random.fold_in(rng, PURPOSE_TOKEN_MASK))
+        first = jax.random.randint(step_key, (ids.shape[0],), 1, self.options.decode_steps + 1)
+        inputs, masked = self._masked_inputs(ids, first)
+        logits = self.model.apply({"params": params}, inputs, self._labels(batch), train=train,
+                                  rngs={"dropout": dropout_key}, mask=self._routing())
+        losses = softmax_cross_entropy(logits, ids, self.options.label_smoothing)
+        weights = masked.astype(jnp.float32)
+        total = jnp.maximum(jnp.sum(weights), 1.0)
+        accuracy = jnp.sum((jnp.argmax(logits, -1) == ids) * weights) / total
+        return jnp.sum(losses * weights) / total, {"masked_accuracy": accuracy}
+
+    def group_nats(self, params: Any, ids: jax.Array, labels: jax.Array) -> jax.Array:
+        """float32 [B, N]: -ln p of each true token given the tokens of earlier groups (the M2T schedule), one
+        forward pass per group."""
+        nats = jnp.zeros(ids.shape, jnp.float32)
+        for group in range(1, self.options.decode_steps + 1):
+            inputs, _ = self._masked_inputs(ids, jnp.full((ids.shape[0],), group))
+            logits = self.model.apply({"params": params}, inputs, labels, mask=self._routing())
+            this = jnp.asarray(self.token_group == group)[None]
+            nats = jnp.where(this, softmax_cross_entropy(logits, ids), nats)
+        return nats
+
+    def eval_sums(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+        ids = self.tokenize(batch["image"])
+        nats = self.group_nats(params, ids, self._labels(batch))
+        valid = batch["valid"].astype(jnp.float32)[:, None]
+        return {"count": jnp.sum(valid), "tokens": jnp.sum(valid * jnp.ones_like(nats)),
+                "cross_entropy": jnp.sum(nats * valid)}
+
+    @staticmethod
+    def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
+        nats = float(sums["cross_entropy"]) / max(float(sums["tokens"]), 1.0)
+        return {"loss": nats, "bits_per_token": nats / float(np.log(2.0))}
+
+    def empty_cache(self, params: Any, batch_size: int) -> Any:
+        length = self.num_tokens + 1
+        _, state = self.model.apply({"params": params}, jnp.zeros((batch_size, length), jnp.int32),
+                                    jnp.arange(length), self._routing(),
+                                    method=MaskGITTransformer.at_positions, mutable=["cache"])
+        return jax.tree.map(jnp.zeros_like, state["cache"])
+
+    def sample(self, params: Any, labels: jax.Array, rng: jax.Array, *, cached: bool = True,
+               temperature: Optional[float] = None) -> jax.Array:
+        """Token ids int32 [B, N] for class `labels` [B], decoded group by group with the key/value cache or (the
+        reference) a full masked forward pass per group; both draw the same samples."""
+        temperature = self.options.temperature if temperature is None else temperature
+        prefix = self.model.class_token_ids(labels)[:, None]
+        if not cached:
+            def forward(sequence, mask):
+                logits = self.model.apply({"params": params}, sequence[:, 1:], labels, mask=mask)
+                return jnp.concatenate([jnp.zeros_like(logits[:, :1]), logits], axis=1)  # position 0: no logits
+            return m2t_decode.decode_uncached(prefix, rng, forward, self.groups, mask_id=self.mask_id,
+                                              temperature=temperature)
+
+        def step_fn(cache, ids, positions, mask):
+            logits, state = self.model.apply({"params": params, "cache": cache}, ids, positions, mask,
+                                             method=MaskGITTransformer.at_positions, mutable=["cache"])
+            return logits, state["cache"]
+        return m2t_decode.decode_cached(prefix, rng, step_fn, self.empty_cache(params, labels.shape[0]), self.groups,
+                                        mask_id=self.mask_id, temperature=temperature)
+
+    def generate_images(self, params: Any, labels: jax.Array, rng: jax.Array, **sampling) -> jax.Array:
+        return self.detokenize(self.sample(params, labels, rng, **sampling))
+
+    @staticmethod
+    def sampling_overrides(options: ml_collections.ConfigDict) -> dict:
+        for key, unset in (("decode_steps", 0), ("guidance_scale", -1.0), ("choice_temperature", -1.0)):
+            if options[key] != unset:
+                raise ValueError(f"config.evals.<sample_quality>.{key}={options[key]!r}: the m2t task decodes its "
+                                 f"fixed schedule (config.m2t); leave it at {unset}")
+        return {}
+
+    def predict(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+        return {"samples": self.generate_images(params, self._labels(batch), jax.random.key(0))}
+
+    def _drop_labels(self, labels: jax.Array, key: jax.Array, train: bool) -> jax.Array:
+        return labels
+
+
+__all__ = ["MaskGITTask", "AutoregressiveTask", "M2TTask", "TokenGeneratorBase", "maskgit_schema", "random_token_mask", "SCHEDULES"]

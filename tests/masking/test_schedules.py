@@ -67,3 +67,24 @@ def test_unknown_schedule_is_named():
         schedules.check_schedule("cosin")
     with pytest.raises(ValueError, match="needs num_tokens"):
         schedules.mask_schedule("log", 0.5)
+
+
+def test_halton_order_is_a_permutation_spread_over_the_grid():
+    order = schedules.halton_order((8, 8))
+    assert sorted(order.tolist()) == list(range(64))
+    rows, cols = order[:16] // 8, order[:16] % 8
+    # The first 16 cells of a low-discrepancy order cover every 2x2 quadrant block of the grid equally.
+    quadrants = np.bincount((rows // 4) * 2 + cols // 4, minlength=4)
+    assert quadrants.min() >= 3
+
+
+@pytest.mark.parametrize("name,steps", [("cosine", 8), ("linear", 5), ("cubic", 64)])
+def test_group_sizes_follow_the_decoding_counts(name, steps):
+    sizes = schedules.step_group_sizes(name, 64, steps)
+    assert sizes.sum() == 64 and sizes.min() >= 1 and len(sizes) == steps
+    remaining = 64 - np.cumsum(sizes)
+    for t in range(steps - 1):
+        assert remaining[t] == min(max(math.floor(64 * official(name, (t + 1) / steps, 64) + 1e-9), 1),
+                                   (64 if t == 0 else remaining[t - 1]) - 1)
+    groups = schedules.token_groups(schedules.halton_order((8, 8)), sizes)
+    np.testing.assert_array_equal(np.bincount(groups, minlength=steps + 1)[1:], sizes)

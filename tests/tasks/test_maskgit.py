@@ -347,3 +347,46 @@ def test_ar_loss_is_next_token_cross_entropy(tokenizer_run):
     again = np.asarray(task.model.apply({"params": params}, jnp.asarray(changed), batch["label"],
                                         mask=jnp.asarray(mask), all_positions=True))[:, :-1]
     np.testing.assert_allclose(again, logits, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------- M2T
+def m2t_task(tokenizer_workdir, **overrides):
+    from configs import m2t_builtin
+    from maskjax.tasks.maskgit import M2TTask
+    c = m2t_builtin.get_config(f"runlocal,tokenizer={tokenizer_workdir}")
+    c.model.dropout = 0.0
+    override(c, **overrides)
+    config_lib.validate(c, 1)
+    return M2TTask(c, load_params=load_params)
+
+
+def test_m2t_cached_decode_equals_uncached(tokenizer_run):
+    task = m2t_task(tokenizer_run[0], model__depth=2)
+    params = nn.meta.unbox(task.init(jax.random.key(0), {"image": images(2)}))["params"]
+    labels = jnp.asarray([4, 8])
+    cached = task.sample(params, labels, jax.random.key(5))
+    uncached = task.sample(params, labels, jax.random.key(5), cached=False)
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
+    check_tokens(cached, 48, allow_mask=False)
+
+
+def test_m2t_bits_count_each_group_given_earlier_groups_only(tokenizer_run):
+    task = m2t_task(tokenizer_run[0])
+    batch = {"image": images(2), "label": jnp.asarray([1, 2])}
+    params = nn.meta.unbox(task.init(jax.random.key(0), batch))["params"]
+    ids = np.asarray(task.tokenize(batch["image"]))
+    nats = np.asarray(task.group_nats(params, jnp.asarray(ids), batch["label"]))
+    groups = task.token_group
+    dense = np.zeros((task.num_tokens + 1,) * 2, bool)
+    dense[:, 0] = True
+    dense[1:, 1:] = groups[None, :] < groups[:, None]
+    for group in range(1, task.options.decode_steps + 1):
+        # Independent: inputs with every group >= `group` masked, under the dense mask written out here.
+        inputs = np.where(groups[None] >= group, 48, ids)
+        logits = np.asarray(task.model.apply({"params": params}, jnp.asarray(inputs), batch["label"],
+                                             mask=jnp.asarray(dense)[None, None]), np.float64)
+        log_p = logits - logits.max(-1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+        want = -np.take_along_axis(log_p, ids[..., None], -1)[..., 0]
+        this = groups == group
+        np.testing.assert_allclose(nats[:, this], want[:, this], rtol=1e-4, atol=1e-5)
