@@ -65,7 +65,8 @@ class Task(Protocol):
         """(scalar loss to minimise, {name: scalar batch mean}); `step` is the optimizer step (int32 [])."""
 
     def eval_sums(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
-        """{name: scalar sum over the valid rows of the batch}, including 'count'; summed over batches."""
+        """{name: sum over the valid rows of the batch (a scalar or a fixed-shape array)}, including 'count';
+        summed over batches."""
 
     def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
         """Metrics of a whole split from the summed `eval_sums`."""

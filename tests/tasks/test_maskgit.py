@@ -219,15 +219,37 @@ def test_tokenizer_workdir_must_be_a_tokenizer_run(tmp_path):
         config_lib.validate(maskgit_config(str(tmp_path)), 1)
 
 
-def test_short_maskgit_run_learns_and_draws_samples(tokenizer_run, tmp_path):
+@pytest.fixture(scope="module")
+def maskgit_run(tokenizer_run, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("maskgit")
     c = maskgit_config(tokenizer_run[0], total_steps=30, checkpoint_every=30, evals__eval__every=0, log_every=5,
                        optimizer__learning_rate=3e-3)
-    Trainer(c, str(tmp_path)).run()
+    Trainer(c, str(workdir)).run()
+    return workdir
+
+
+def test_short_maskgit_run_learns_and_draws_samples(maskgit_run):
     import json
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    records = [json.loads(line) for line in open(maskgit_run / "metrics.jsonl")]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert losses[-1] < losses[0] - 0.3
-    assert any(name.startswith("samples") for name in os.listdir(tmp_path / "images"))
+    assert any(name.startswith("samples") for name in os.listdir(maskgit_run / "images"))
+
+
+def test_sample_command_writes_a_grid_and_arrays(maskgit_run, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "grid"
+    done = subprocess.run([sys.executable, "-m", "maskjax.sample", f"--workdir={maskgit_run}", "--num=5",
+                           "--class=3", "--steps=4", f"--out={out}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    arrays = np.load(f"{out}.npz")
+    assert arrays["images"].shape == (5, 32, 32, 3) and np.all(arrays["labels"] == 3)
+    check_tokens(arrays["tokens"], 48, allow_mask=False)
+    assert os.path.getsize(f"{out}.png") > 0
+    bad = subprocess.run([sys.executable, "-m", "maskjax.sample", f"--workdir={maskgit_run}", "--steps=65"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--steps=65: must be in [1, 64]" in bad.stderr
 
 
 # ---------------------------------------------------------------------------------------- sample-quality evaluator
