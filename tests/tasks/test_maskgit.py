@@ -412,3 +412,27 @@ def test_m2t_bits_count_each_group_given_earlier_groups_only(tokenizer_run):
         want = -np.take_along_axis(log_p, ids[..., None], -1)[..., 0]
         this = groups == group
         np.testing.assert_allclose(nats[:, this], want[:, this], rtol=1e-4, atol=1e-5)
+
+
+def test_confidence_order_code_length_follows_a_decodable_order(tokenizer_run):
+    """Recomputed step by step in numpy: each step reveals the `size` masked tokens with the highest max-probability
+    under the revealed ones, and charges -ln p(true token) there."""
+    from maskjax.masking.schedules import step_group_sizes
+    task = maskgit_task(tokenizer_run[0])
+    batch = {"image": images(2), "label": jnp.asarray([5, 6])}
+    params = nn.meta.unbox(task.init(jax.random.key(0), batch))["params"]
+    ids = np.asarray(task.tokenize(batch["image"]))
+    nats = np.asarray(task.confidence_order_nats(params, jnp.asarray(ids), batch["label"]))
+    current = np.full(ids.shape, 48)
+    want = np.zeros(ids.shape)
+    for size in step_group_sizes("cosine", task.num_tokens, task.options.decode_steps):
+        logits = np.asarray(task.model.apply({"params": params}, jnp.asarray(current), batch["label"]), np.float64)
+        log_p = logits - logits.max(-1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+        for b in range(2):
+            unknown = np.flatnonzero(current[b] == 48)
+            chosen = unknown[np.argsort(-log_p[b, unknown].max(-1), kind="stable")[:size]]
+            want[b, chosen] = -log_p[b, chosen, ids[b, chosen]]
+            current[b, chosen] = ids[b, chosen]
+    assert np.all(current != 48)
+    np.testing.assert_allclose(nats, want, rtol=1e-4, atol=1e-5)
