@@ -5,8 +5,8 @@ without its cache. Random weights: speed does not depend on them.
     python experiments/maskgit/bench_decode.py                  # 8x8 and 16x16 grids, batch 1 and 64
     python experiments/maskgit/bench_decode.py --quick          # fewer repeats
 
-The transformer is the one of configs/maskgit_builtin.py (width 256, depth 4, 4 heads, MLP 1024, 1000 codes,
-10 classes); the 16x16 grid (256 tokens) is the paper's. Each variant is one jitted program, compiled before
+The transformer is the one of configs/maskgit_builtin.py (its width, depth, heads, MLP and classes are read from
+it; 1000 codes); the 16x16 grid (256 tokens) is the paper's. Each variant is one jitted program, compiled before
 timing; the median of `--repeats` runs is reported, and ratios within one grid and batch size. FLOPs and bytes
 accessed per decoding step come from XLA's cost analysis of the single step (a loop's cost analysis counts its
 body once), summed over the steps. Writes experiments/results/maskgit_decode.{md,json}.
@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 
 import jax
@@ -33,8 +34,17 @@ from maskjax.models.maskgit import MaskGITTransformer
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 RESULTS = os.path.join(ROOT, "experiments", "results")
-CODES, CLASSES = 1000, 10
-WIDTH, DEPTH, HEADS, MLP = 256, 4, 4, 1024
+CODES = 1000  # FSQ (8, 5, 5, 5) of configs/tokenizer_builtin.py
+
+
+def _generator_size() -> tuple:
+    sys.path.insert(0, ROOT)
+    from configs import maskgit_builtin
+    m = maskgit_builtin.get_config().model
+    return m.num_classes, m.width, m.depth, m.num_heads, m.mlp_dim
+
+
+CLASSES, WIDTH, DEPTH, HEADS, MLP = _generator_size()
 STEPS = 8
 # H100 SXM (bf16 dense): peak 989 TFLOP/s, HBM3 3.35 TB/s; ~10 kernels per block at ~4 us launch + sync each.
 H100_FLOPS, H100_BYTES_PER_S, H100_KERNEL_S, KERNELS_PER_BLOCK = 989e12, 3.35e12, 4e-6, 10
