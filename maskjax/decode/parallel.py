@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maskjax.masking.schedules import check_schedule, masked_after_step
 
@@ -88,6 +89,13 @@ def decode(tokens: jax.Array, rng: jax.Array, logits_fn: LogitsFn, num_steps: in
     check_decode_args(tokens.shape, num_steps, schedule, start_iter, guidance, temperature, top_k, mask_id)
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens: expected integer ids, got dtype {tokens.dtype}")
+    if not isinstance(tokens, jax.core.Tracer):  # concrete input: name an out-of-range id before decoding
+        values = np.asarray(tokens)
+        bad = np.argwhere((values < 0) | (values > mask_id))
+        if len(bad):
+            i, j = (int(x) for x in bad[0])
+            raise ValueError(f"tokens[{i}, {j}]={int(values[i, j])}: token ids must be in [0, {mask_id}] (codes "
+                             f"0..{mask_id - 1}, mask id {mask_id})")
     tokens = tokens.astype(jnp.int32)
     masked_at_start = jnp.sum(tokens == mask_id, axis=-1)
 

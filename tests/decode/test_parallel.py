@@ -150,3 +150,13 @@ def test_bad_arguments_are_named(kwargs, match):
 def test_box_outside_the_image_is_named():
     with pytest.raises(ValueError, match=r"box=\(30, 0, 4, 4\)"):
         box_to_token_mask((30, 0, 4, 4), (32, 32), (8, 8))
+
+
+def test_out_of_range_token_is_named():
+    tokens = np.full((2, N), V, np.int32)
+    tokens[1, 5] = V + 3
+    with pytest.raises(ValueError, match=r"tokens\[1, 5\]=19: token ids must be in \[0, 16\]"):
+        decode(jnp.asarray(tokens), jax.random.key(0), fixed_logits_fn(), 4, "cosine", mask_id=V)
+    tokens[1, 5] = -1  # the official code's mask id
+    with pytest.raises(ValueError, match=r"tokens\[1, 5\]=-1"):
+        decode(jnp.asarray(tokens), jax.random.key(0), fixed_logits_fn(), 4, "cosine", mask_id=V)
