@@ -122,9 +122,9 @@ def reads_by_task(tmp_path_factory):
     """{task: keys read by name in any short run of a config file of that task (or one of its VARIANTS)}."""
     from maskjax.data import fashion_mnist
 
-    reads, teacher, tokenizer = {}, None, None
-    # vit_builtin's checkpoint is the MIM teacher, tokenizer_builtin's the tokenizer of the MaskGIT configs.
-    first = ("vit_builtin.py", "tokenizer_builtin.py")
+    reads, teacher, tokenizers = {}, None, {}
+    # vit_builtin's checkpoint is the MIM teacher, the tokenizer runs serve the generator configs of their data.
+    first = ("vit_builtin.py", "tokenizer_builtin.py", "tokenizer_fashion_mnist.py")
     for name in sorted(CONFIG_FILES, key=lambda n: (n not in first, n)):
         base = load(name).get_config("runlocal")
         if base.data.name == "fashion_mnist" and not fashion_mnist.available():
@@ -135,13 +135,13 @@ def reads_by_task(tmp_path_factory):
                 variant = dict(variant, mim__teacher__workdir=teacher)
             override(config, **variant)
             if "tokenizer_workdir" in config.get(config.task, {}):
-                override(config, **{f"{config.task}__tokenizer_workdir": tokenizer})
+                override(config, **{f"{config.task}__tokenizer_workdir": tokenizers[config.data.name]})
             workdir = str(tmp_path_factory.mktemp(name[:-3]))
             reads.setdefault(config.task, set()).update(reads_of_run(config, workdir))
             if name == "vit_builtin.py" and not variant:
                 teacher = workdir  # a classifier checkpoint for the MIM teacher variant
-            if name == "tokenizer_builtin.py" and not variant:
-                tokenizer = workdir
+            if config.task == "tokenizer" and not variant:
+                tokenizers[config.data.name] = workdir
     return reads
 
 

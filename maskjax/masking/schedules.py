@@ -138,10 +138,11 @@ def step_group_sizes(name: str, num_tokens: int, num_steps: int) -> np.ndarray:
     if not 1 <= num_steps <= num_tokens:
         raise ValueError(f"num_steps={num_steps}: must be in [1, {num_tokens}] (the number of tokens)")
     remaining, sizes = num_tokens, []
-    for step in range(num_steps):
-        after = int(masked_after_step(name, step, num_steps, np.array([num_tokens]), np.array([remaining]))[0])
-        sizes.append(remaining - after)
-        remaining = after
+    with jax.ensure_compile_time_eval():  # static sizes, also when called while a function is being traced
+        for step in range(num_steps):
+            after = int(masked_after_step(name, step, num_steps, np.array([num_tokens]), np.array([remaining]))[0])
+            sizes.append(remaining - after)
+            remaining = after
     return np.asarray(sizes, np.int64)
 
 

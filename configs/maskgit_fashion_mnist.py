@@ -1,0 +1,36 @@
+"""MaskGIT of configs/maskgit_builtin.py on Fashion-MNIST: the class-conditional transformer over the 7x7 token grids
+of a frozen FSQ tokenizer (configs/tokenizer_fashion_mnist.py).
+
+Needs the data: `apt-get install dataset-fashion-mnist`, or TensorFlow + internet for TFDS `fashion_mnist`.
+Commands (the tokenizer first):
+  python -m maskjax.main --config=configs/tokenizer_fashion_mnist.py --workdir=workdirs/tokenizer_fmnist
+  python -m maskjax.main --config=configs/maskgit_fashion_mnist.py --workdir=workdirs/maskgit_fmnist \
+      --config.maskgit.tokenizer_workdir=workdirs/tokenizer_fmnist
+Smaller and faster (tests): --config=configs/maskgit_fashion_mnist.py:runlocal (with a runlocal tokenizer).
+Arguments: as configs/maskgit_builtin.py (runlocal, steps=<int>, tokenizer=<workdir>).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _builtin():
+    spec = importlib.util.spec_from_file_location(
+        "maskgit_builtin", os.path.join(os.path.dirname(os.path.abspath(__file__)), "maskgit_builtin.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = _builtin().get_config(arg)
+    c.data.name = "fashion_mnist"
+    c.data.image_size = 28
+    c.data.eval_split = "test"
+    if c.maskgit.tokenizer_workdir == "workdirs/tokenizer_builtin":
+        c.maskgit.tokenizer_workdir = "workdirs/tokenizer_fmnist"
+    if c.maskgit.tokenizer_workdir == "workdirs/tokenizer_runlocal":
+        c.maskgit.tokenizer_workdir = "workdirs/tokenizer_fmnist_runlocal"
+    return c
