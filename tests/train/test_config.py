@@ -1,5 +1,6 @@
 """Config validation fails before any compute, naming the bad key and value."""
 
+import re
 import subprocess
 import sys
 
@@ -29,22 +30,28 @@ def test_base_config_is_valid_on_any_device_count():
     (dict(optimizer__warmup_steps=10_000), "optimizer.warmup_steps=10000"),
     (dict(mesh__data=-1, mesh__fsdp=-1), "mesh.fsdp=-1"),
     (dict(mesh__data=3), "mesh"),
-    (dict(task="segmentation_of_dreams"), "config.task='segmentation_of_dreams': unknown task; registered: "
-                                          "classification, mim"),
-    (dict(model__name="vitt"), "config.model.name='vitt': unknown model; registered: mae, vit. Did you mean 'vit'?"),
+    # The registered names grow with every family: the message must list them, whatever they are today.
+    (dict(task="segmentation_of_dreams"), re.compile(r"config\.task='segmentation_of_dreams': unknown task; "
+                                                     r"registered: (\w+, )*classification, (\w+, )*mim\b")),
+    (dict(model__name="vitt"), re.compile(r"config\.model\.name='vitt': unknown model; registered: (\w+, )*mae, "
+                                          r"(\w+, )*vit\. Did you mean 'vit'\?")),
     (dict(model__name="mae"), "config.model.name='mae': task 'classification' trains ('vit',)"),
     (dict(classification__masksub_ratio=1.0), "classification.masksub_ratio=1.0"),
     (dict(classification__masksub_ratio=0.5, model__attention__mask="window_2d"),
      "classification.masksub_ratio=0.5: cannot be combined"),
-    (dict(evals__eval__type="metricz"), "config.evals.eval.type='metricz': unknown evaluator type; registered: "
-                                        "gallery, metrics, probe. Did you mean 'metrics'?"),
+    (dict(evals__eval__type="metricz"), re.compile(r"config\.evals\.eval\.type='metricz': unknown evaluator type; "
+                                                   r"registered: (\w+, )*gallery, (\w+, )*metrics, (\w+, )*probe(, \w+)*\. Did you mean "
+                                                   r"'metrics'\?")),
     (dict(evals__eval__every=-2), "config.evals.eval.every=-2"),
     (dict(evals__eval__examplez=3), "Unknown config key 'evals.eval.examplez'. Did you mean 'evals.eval.examples'"),
 ])
 def test_bad_values_name_key_and_value(overrides, expected):
     with pytest.raises(ValueError) as error:
         config_lib.validate(_config(**overrides), num_devices=8)
-    assert expected in str(error.value)
+    if isinstance(expected, re.Pattern):
+        assert expected.search(str(error.value)), str(error.value)
+    else:
+        assert expected in str(error.value)
 
 
 def test_batch_not_divisible_by_devices_names_both():
