@@ -26,7 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
 _DIRECT = {"__getattr__", "__getitem__", "get"}
 _NOT_USES = {"flat_keys", "flat_config", "check_known_keys", "schema_of", "resume_changes", "validate",
-             "validate_vit", "validate_mae", "validate_tokenizer", "validate_maskgit_model", "validate_config", "validate_evals", "check_target_and_scores",
+             "validate_vit", "validate_mae", "validate_tokenizer", "validate_maskgit_model", "validate_config",
+             "validate_evals", "check_target_and_scores",
              "_check_resume_config", "to_json_best_effort"}
 # Keys read only on paths a 2-step local run does not take, each with where it is read.
 READ_ELSEWHERE = {

@@ -136,7 +136,8 @@ def bench(grid: int, batch: int, repeats: int, uncached_ar: bool) -> dict:
          + max(flops[name] / H100_FLOPS, bytes_[name] / H100_BYTES_PER_S)) for name in flops)}
     return {"grid": grid, "batch": batch, "seconds": seconds,
             "flops": {k: flops[k] for k in seconds}, "bytes": {k: bytes_[k] for k in seconds},
-            "sequential_steps": {k: sequential[k] for k in seconds}, "h100_model_seconds": {k: h100[k] for k in seconds}}
+            "sequential_steps": {k: sequential[k] for k in seconds},
+            "h100_model_seconds": {k: h100[k] for k in seconds}}
 
 
 def write(results: list[dict], command: str) -> None:

@@ -247,7 +247,8 @@ def _row(name, m) -> str:
 def write(results: dict, command: str, args) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    header = ["| setting | Fréchet distance | KID | precision | recall | class accuracy % |", "|---|---|---|---|---|---|"]
+    header = ["| setting | Fréchet distance | KID | precision | recall | class accuracy % |",
+              "|---|---|---|---|---|---|"]
     s, ev = results["studies"], results["evals"]
     lines = ["# MaskGIT on the built-in shapes: ablations, tokenizers, AR and M2T", "", f"`{command}`", "",
              f"Date: {datetime.date.today()}. maskjax commit `{commit}`. {args.samples} class-balanced samples per "
@@ -282,7 +283,8 @@ def write(results: dict, command: str, args) -> None:
         lines.append(f"| {name} | {results['decode_seconds']['1'][name]:.3f} | "
                      f"{results['decode_seconds']['64'][name]:.3f} |")
     t1, t64 = results["decode_seconds"]["1"], results["decode_seconds"]["64"]
-    lines += ["", f"- AR cached / MaskGIT-8: {t1['autoregressive (cached)'] / t1['maskgit (8 steps)']:.2f}x at batch 1, "
+    lines += ["", f"- AR cached / MaskGIT-8: {t1['autoregressive (cached)'] / t1['maskgit (8 steps)']:.2f}x at batch "
+              "1, "
               f"{t64['autoregressive (cached)'] / t64['maskgit (8 steps)']:.2f}x at batch 64.",
               f"- M2T uncached / cached: {t1['m2t (uncached)'] / t1['m2t (cached)']:.2f}x at batch 1, "
               f"{t64['m2t (uncached)'] / t64['m2t (cached)']:.2f}x at batch 64."]

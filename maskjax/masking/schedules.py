@@ -1,11 +1,11 @@
 """Mask schedules of masked generative transformers (MaskGIT, Chang et al. 2022): gamma(r) = fraction masked.
 
 `r` in [0, 1] is the progress through decoding (r = (t + 1) / T after step t of T) or, in training, a uniform
-draw. Every schedule falls from gamma(0) = 1 (all masked; 'exp': 1 - 1/N) to gamma(1) = 0 (none) and is clipped to [1e-6, 1] as in
-the official code (`libml/mask_schedule.py`), so `ceil(gamma(r) * N) >= 1`. Concave schedules (cosine, square,
-cubic and, with the official formula, exp) mask more than linear at every r and decode few tokens first, many
-last; convex ones (sqrt, log) the opposite. The paper finds concave schedules best. `log` and `exp` depend on the
-number of tokens N.
+draw. Every schedule falls from gamma(0) = 1 (all masked; 'exp': 1 - 1/N) to gamma(1) = 0 (none) and is clipped
+to [1e-6, 1] as in the official code (`libml/mask_schedule.py`), so `ceil(gamma(r) * N) >= 1`. Concave schedules
+(cosine, square, cubic and, with the official formula, exp) mask more than linear at every r and decode few
+tokens first, many last; convex ones (sqrt, log) the opposite. The paper finds concave schedules best. `log` and
+`exp` depend on the number of tokens N.
 
 Example::
 

@@ -129,4 +129,5 @@ def check_tokens(tokens: jax.Array, codebook_size: int, *, allow_mask: bool = Tr
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"{name}[{', '.join(map(str, where))}]={int(values[where])}: token ids must be in "
-                         f"[0, {high}] (codebook size {codebook_size}{', mask id ' + str(codebook_size) if allow_mask else ''})")
+                         f"[0, {high}] (codebook size {codebook_size}"
+                         f"{', mask id ' + str(codebook_size) if allow_mask else ''})")

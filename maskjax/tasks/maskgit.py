@@ -644,4 +644,5 @@ class M2TTask(TokenGeneratorBase):
         return labels
 
 
-__all__ = ["MaskGITTask", "AutoregressiveTask", "M2TTask", "TokenGeneratorBase", "maskgit_schema", "random_token_mask", "SCHEDULES"]
+__all__ = ["MaskGITTask", "AutoregressiveTask", "M2TTask", "TokenGeneratorBase", "maskgit_schema",
+           "random_token_mask", "SCHEDULES"]

@@ -167,8 +167,8 @@ class TokenizerTask:
         ids = aux["ids"].reshape(images.shape[0], -1)
         weights = jnp.broadcast_to(valid[:, None], ids.shape).reshape(-1)
         counts = jnp.zeros((self.model.vocab_size,), jnp.float32).at[ids.reshape(-1)].add(weights)
-        return {"count": jnp.sum(valid), "mse": jnp.sum(mse * valid), "psnr": jnp.sum(psnr(images, reconstruction) * valid),
-                "code_counts": counts}
+        return {"count": jnp.sum(valid), "mse": jnp.sum(mse * valid),
+                "psnr": jnp.sum(psnr(images, reconstruction) * valid), "code_counts": counts}
 
     @staticmethod
     def summarize(sums: Mapping[str, Any]) -> dict[str, float]:

@@ -40,8 +40,8 @@ def test_base_config_is_valid_on_any_device_count():
     (dict(classification__masksub_ratio=0.5, model__attention__mask="window_2d"),
      "classification.masksub_ratio=0.5: cannot be combined"),
     (dict(evals__eval__type="metricz"), re.compile(r"config\.evals\.eval\.type='metricz': unknown evaluator type; "
-                                                   r"registered: (\w+, )*gallery, (\w+, )*metrics, (\w+, )*probe(, \w+)*\. Did you mean "
-                                                   r"'metrics'\?")),
+                                                   r"registered: (\w+, )*gallery, (\w+, )*metrics, (\w+, )*probe"
+                                                   r"(, \w+)*\. Did you mean 'metrics'\?")),
     (dict(evals__eval__every=-2), "config.evals.eval.every=-2"),
     (dict(evals__eval__examplez=3), "Unknown config key 'evals.eval.examplez'. Did you mean 'evals.eval.examples'"),
 ])
