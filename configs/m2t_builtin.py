@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Width 128 (MaskGIT: 768): a step of batch 64 over 65 tokens then takes a fraction of a second here.
     c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 128, 4, 4, 512
     c.batch_size = 64
-    c.total_steps = int(args.get("steps", 3000))
+    c.total_steps = int(args.get("steps", 2000))
     c.optimizer.learning_rate = 1e-3
     c.optimizer.b2 = 0.96
     c.optimizer.weight_decay = 0.045

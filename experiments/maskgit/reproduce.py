@@ -172,7 +172,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--tokenizer-steps", type=int, default=2000)
-    p.add_argument("--generator-steps", type=int, default=3000)
+    p.add_argument("--generator-steps", type=int, default=2000)
     p.add_argument("--classifier-steps", type=int, default=300)
     p.add_argument("--results-name", default="maskgit_builtin")
     p.add_argument("--smoke", action="store_true", help="check the script end to end: 20-step runs, 40 samples")
