@@ -74,11 +74,14 @@ def _filter_top_k(logits: jax.Array, top_k: int) -> jax.Array:
 
 def decode(tokens: jax.Array, rng: jax.Array, logits_fn: LogitsFn, num_steps: int, schedule: str = "cosine", *,
            mask_id: int, choice_temperature: float = 4.5, start_iter: int = 0, guidance: Optional[Guidance] = None,
-           temperature: float = 1.0, top_k: int = 0) -> tuple[jax.Array, jax.Array]:
+           temperature: float = 1.0, top_k: int = 0,
+           penalty_fn: Optional[Callable[[jax.Array], jax.Array]] = None) -> tuple[jax.Array, jax.Array]:
     """Decode the masked tokens of `tokens` int32 [B, N] in `num_steps - start_iter` steps.
 
     logits_fn: int32 [B, N] -> float [B, N, V] with V >= mask_id (columns from `mask_id` on are ignored).
     mask_id: the id marking unknown tokens; codebook ids are [0, mask_id).
+    penalty_fn: optional, int32 [B, N] (the step's full sample) -> float [B, N] subtracted from the confidence of
+      the newly sampled tokens (MaskSketch's structure distance, `maskjax.decode.masksketch`).
     start_iter: resume a schedule of `num_steps` at this step (steps before it are taken as done).
     temperature / top_k: of the sampling; the confidence uses the model's (guided) log-probabilities.
     Returns (final tokens int32 [B, N] with no mask left, every step's tokens int32 [num_steps - start_iter, B, N]
@@ -114,6 +117,8 @@ def decode(tokens: jax.Array, rng: jax.Array, logits_fn: LogitsFn, num_steps: in
         confidence = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
         ratio = (t.astype(jnp.float32) + 1.0) / num_steps
         confidence = confidence + choice_temperature * (1.0 - ratio) * jax.random.gumbel(choice_key, sampled.shape)
+        if penalty_fn is not None:
+            confidence = confidence - penalty_fn(sampled).astype(jnp.float32)
         confidence = jnp.where(unknown, confidence, jnp.inf)
         keep_masked = masked_after_step(schedule, t, num_steps, masked_at_start, jnp.sum(unknown, axis=-1))
         # Exact counts even with tied confidences: rank the tokens, mask the `keep_masked` least confident.

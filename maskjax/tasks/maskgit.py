@@ -19,14 +19,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maskjax.decode import Guidance, check_decode_args, decode
+from maskjax.decode import Guidance, check_decode_args, decode, structure_penalty
 from maskjax.decode import autoregressive as ar_decode
 from maskjax.decode import m2t as m2t_decode
 from maskjax.evaluate.metrics import softmax_cross_entropy
 from maskjax.masking.schedules import (SCHEDULES, check_schedule, halton_order, masked_count_for_training,
                                        step_group_sizes, token_groups)
 from maskjax.models.attention_options import AttentionOptions
-from maskjax.models.maskgit import MaskGITTransformer
+from maskjax.models.layers import ATTENTION_MAPS
+from maskjax.models.maskgit import MaskGITTransformer, check_tokens
 from maskjax.models.tokenizer import Tokenizer
 from maskjax.tasks.base import ModelSpec, build_model, register_model, register_task
 from maskjax.tasks.tokenizer import check_image_channels, image_grid, tokenizer_from_config
@@ -325,14 +326,24 @@ class MaskGITTask(TokenGeneratorBase):
                 "masked_accuracy": float(sums["masked_accuracy"]) / tokens,
                 "bits_per_token": float(sums["order_nats"]) / max(float(sums["tokens"]), 1.0) / float(np.log(2.0))}
 
+    def attention_maps(self, params: Any, tokens: jax.Array, labels: jax.Array, layer: int = -1) -> jax.Array:
+        """float32 [B, N, N]: block `layer`'s head-averaged self-attention among the image tokens (rows
+        renormalised after dropping the class token), for fully known `tokens` [B, N]."""
+        _, state = self.model.apply({"params": params}, tokens, labels, mutable=[ATTENTION_MAPS])
+        block = f"block_{layer % self.model.depth}"
+        probs = state[ATTENTION_MAPS]["encoder"][block]["attn"]["probs"][0][:, 1:, 1:]
+        return probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-9)
+
     def sample(self, params: Any, labels: jax.Array, rng: jax.Array, *, num_steps: Optional[int] = None,
                schedule: Optional[str] = None, choice_temperature: Optional[float] = None,
                guidance_scale: Optional[float] = None, guidance_ramp: str = "constant",
-               tokens: Optional[jax.Array] = None, temperature: float = 1.0,
-               top_k: int = 0) -> tuple[jax.Array, jax.Array]:
+               tokens: Optional[jax.Array] = None, temperature: float = 1.0, top_k: int = 0,
+               structure_guide: Optional[jax.Array] = None, structure_weight: float = 1.0,
+               structure_layer: int = -1) -> tuple[jax.Array, jax.Array]:
         """(final token ids int32 [B, N], every step's ids [T, B, N]) for class `labels` int32 [B] (the null class
         for unconditional samples), decoding from `tokens` (default: all masked). Unset options come from
-        `config.maskgit`."""
+        `config.maskgit`. `structure_guide`: token ids [B or 1, N] of a guide image whose layout the samples
+        follow (MaskSketch: block `structure_layer`'s attention maps, weighted by `structure_weight`)."""
         c = self.config.maskgit
         num_steps = c.decode_steps if num_steps is None else num_steps
         schedule = c.schedule if schedule is None else schedule
@@ -353,8 +364,21 @@ class MaskGITTask(TokenGeneratorBase):
         if guidance_scale > 0:
             null = jnp.full_like(labels, self.model.null_class)
             guidance = Guidance(guidance_scale, lambda current: logits_fn(current, null), guidance_ramp)
+        penalty = None
+        if structure_guide is not None:
+            guide = jnp.asarray(structure_guide, jnp.int32)
+            if guide.ndim != 2 or guide.shape[1] != self.num_tokens or guide.shape[0] not in (1, labels.shape[0]):
+                raise ValueError(f"structure_guide: expected token ids [1 or {labels.shape[0]}, {self.num_tokens}], "
+                                 f"got shape {tuple(guide.shape)}")
+            if not isinstance(guide, jax.core.Tracer):
+                check_tokens(guide, self.mask_id, allow_mask=False, name="structure_guide")
+            guide_labels = labels[:guide.shape[0]]
+            guide_maps = self.attention_maps(params, guide, guide_labels, structure_layer)
+            penalty = structure_penalty(lambda t: self.attention_maps(params, t, labels, structure_layer),
+                                        guide_maps, structure_weight)
         return decode(tokens, rng, logits_fn, num_steps, schedule, mask_id=self.mask_id,
-                      choice_temperature=choice_temperature, guidance=guidance, temperature=temperature, top_k=top_k)
+                      choice_temperature=choice_temperature, guidance=guidance, temperature=temperature, top_k=top_k,
+                      penalty_fn=penalty)
 
     def generate_images(self, params: Any, labels: jax.Array, rng: jax.Array, **sampling) -> jax.Array:
         """Images [B, H, W, C] sampled for class `labels` int32 [B] (options of `sample`)."""

@@ -160,3 +160,24 @@ def test_out_of_range_token_is_named():
     tokens[1, 5] = -1  # the official code's mask id
     with pytest.raises(ValueError, match=r"tokens\[1, 5\]=-1"):
         decode(jnp.asarray(tokens), jax.random.key(0), fixed_logits_fn(), 4, "cosine", mask_id=V)
+
+
+def test_structure_distance_is_the_row_total_variation():
+    from maskjax.decode import structure_distance
+    rng = np.random.default_rng(3)
+    a = rng.dirichlet(np.ones(6), size=(2, 6))
+    g = rng.dirichlet(np.ones(6), size=(1, 6))
+    want = np.array([[0.5 * np.abs(a[b, i] - g[0, i]).sum() for i in range(6)] for b in range(2)])
+    np.testing.assert_allclose(np.asarray(structure_distance(jnp.asarray(a), jnp.asarray(g))), want, rtol=1e-6)
+
+
+def test_a_dominant_penalty_decides_which_tokens_are_kept():
+    """MaskSketch's mechanism: tokens with a large structure penalty are re-masked first, whatever their
+    confidence; here the first step's decoded tokens all come from the unpenalised positions."""
+    allowed = np.zeros(N, bool)
+    allowed[::3] = True
+    penalty = lambda sampled: jnp.where(jnp.asarray(allowed)[None], 0.0, 1e4) * jnp.ones(sampled.shape)
+    _, history = decode(jnp.full((B, N), V, jnp.int32), jax.random.key(5), fixed_logits_fn(2), 6, "cosine",
+                        mask_id=V, penalty_fn=penalty)
+    first = np.asarray(history[0]) != V
+    assert first.any() and not first[:, ~allowed].any()

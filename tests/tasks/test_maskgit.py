@@ -436,3 +436,18 @@ def test_confidence_order_code_length_follows_a_decodable_order(tokenizer_run):
             current[b, chosen] = ids[b, chosen]
     assert np.all(current != 48)
     np.testing.assert_allclose(nats, want, rtol=1e-4, atol=1e-5)
+
+
+def test_structure_guided_sampling_runs_on_the_models_attention_maps(tokenizer_run):
+    task = maskgit_task(tokenizer_run[0])
+    params = nn.meta.unbox(task.init(jax.random.key(0), {"image": images(2)}))["params"]
+    labels = jnp.asarray([1, 2])
+    guide = task.tokenize(images(1, seed=4))
+    maps = np.asarray(task.attention_maps(params, guide, labels[:1]))
+    assert maps.shape == (1, task.num_tokens, task.num_tokens) and maps.min() >= 0
+    np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
+    final, _ = task.sample(params, labels, jax.random.key(2), num_steps=4, structure_guide=guide,
+                           structure_weight=5.0)
+    check_tokens(final, 48, allow_mask=False)
+    with pytest.raises(ValueError, match=r"structure_guide: expected token ids \[1 or 2, 64\], got shape \(3, 64\)"):
+        task.sample(params, labels, jax.random.key(2), structure_guide=jnp.zeros((3, 64), jnp.int32))
