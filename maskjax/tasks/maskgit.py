@@ -172,8 +172,10 @@ class TokenGeneratorBase:
         return jax.lax.stop_gradient(ids.reshape(images.shape[0], -1))
 
     def detokenize(self, ids: jax.Array) -> jax.Array:
-        """Images [B, H, W, C] of token ids int32 [B, N]."""
-        ids = ids.reshape(ids.shape[0], self.grid, self.grid)
+        """Images [B, H, W, C] of token ids int32 [B, N] (the model's grid) or [B, h, w] (any grid, e.g. an
+        outpainted canvas: the tokenizer's decoder is convolutional)."""
+        if ids.ndim == 2:
+            ids = ids.reshape(ids.shape[0], self.grid, self.grid)
         return self.tokenizer.apply({"params": self.tokenizer_params}, ids, method=Tokenizer.decode_ids)
 
     def _labels(self, batch: Batch) -> jax.Array:
@@ -379,6 +381,45 @@ class MaskGITTask(TokenGeneratorBase):
         return decode(tokens, rng, logits_fn, num_steps, schedule, mask_id=self.mask_id,
                       choice_temperature=choice_temperature, guidance=guidance, temperature=temperature, top_k=top_k,
                       penalty_fn=penalty)
+
+    def inpaint(self, params: Any, tokens: jax.Array, region: jax.Array, labels: jax.Array, rng: jax.Array,
+                **sampling) -> jax.Array:
+        """Token ids int32 [B, N] with the tokens where `region` (bool [N] or [B, N], e.g. from
+        `maskjax.decode.box_to_token_mask`) regenerated for class `labels` [B]; the others come back
+        bit-identical. Class-conditional regeneration of a region is the same call with another label."""
+        region = jnp.broadcast_to(jnp.asarray(region, bool), tokens.shape)
+        return self.sample(params, labels, rng, tokens=jnp.where(region, self.mask_id, tokens), **sampling)[0]
+
+    def outpaint(self, params: Any, tokens: jax.Array, labels: jax.Array, rng: jax.Array, *, extend: int,
+                 direction: str = "right", **sampling) -> jax.Array:
+        """Extrapolation to a larger canvas: token ids [B, N] of a (gh x gw) grid -> [B, gh, gw + extend] ('right')
+        or [B, gh + extend, gw] ('down'). The canvas grows by windows of the model's grid: each window keeps the
+        last known columns (rows) and decodes the new ones, so every decoding sees as much context as fits; the
+        given tokens come back bit-identical."""
+        if direction not in ("right", "down"):
+            raise ValueError(f"direction={direction!r}: must be 'right' or 'down'")
+        size = self.grid
+        if not 1 <= extend:
+            raise ValueError(f"extend={extend}: must be >= 1 token column (row)")
+        canvas = tokens.reshape(tokens.shape[0], size, size)
+        if direction == "down":
+            canvas = jnp.swapaxes(canvas, 1, 2)
+        step = max(size // 2, 1)  # new columns per window: half a window of context stays known
+        added = 0
+        while added < extend:
+            new = min(step, extend - added)
+            window = jnp.concatenate([canvas[:, :, canvas.shape[2] - (size - new):],
+                                      jnp.full((canvas.shape[0], size, new), self.mask_id, jnp.int32)], axis=2)
+            if direction == "down":
+                window = jnp.swapaxes(window, 1, 2)
+            filled = self.sample(params, labels, jax.random.fold_in(rng, added),
+                                 tokens=window.reshape(window.shape[0], -1), **sampling)[0]
+            filled = filled.reshape(window.shape)
+            if direction == "down":
+                filled = jnp.swapaxes(filled, 1, 2)
+            canvas = jnp.concatenate([canvas, filled[:, :, size - new:]], axis=2)
+            added += new
+        return jnp.swapaxes(canvas, 1, 2) if direction == "down" else canvas
 
     def generate_images(self, params: Any, labels: jax.Array, rng: jax.Array, **sampling) -> jax.Array:
         """Images [B, H, W, C] sampled for class `labels` int32 [B] (options of `sample`)."""

@@ -451,3 +451,25 @@ def test_structure_guided_sampling_runs_on_the_models_attention_maps(tokenizer_r
     check_tokens(final, 48, allow_mask=False)
     with pytest.raises(ValueError, match=r"structure_guide: expected token ids \[1 or 2, 64\], got shape \(3, 64\)"):
         task.sample(params, labels, jax.random.key(2), structure_guide=jnp.zeros((3, 64), jnp.int32))
+
+
+def test_inpainting_and_outpainting_keep_the_given_tokens(tokenizer_run):
+    from maskjax.decode import box_to_token_mask
+    task = maskgit_task(tokenizer_run[0])
+    params = nn.meta.unbox(task.init(jax.random.key(0), {"image": images(2)}))["params"]
+    tokens = task.tokenize(images(2, seed=6))
+    labels = jnp.asarray([3, 4])
+    region = box_to_token_mask((8, 8, 12, 16), (32, 32), (8, 8))
+    edited = np.asarray(task.inpaint(params, tokens, region, labels, jax.random.key(1), num_steps=3))
+    np.testing.assert_array_equal(edited[:, ~np.asarray(region)], np.asarray(tokens)[:, ~np.asarray(region)])
+    check_tokens(edited, 48, allow_mask=False)
+    wide = np.asarray(task.outpaint(params, tokens, labels, jax.random.key(2), extend=6, num_steps=3))
+    assert wide.shape == (2, 8, 14)
+    np.testing.assert_array_equal(wide[:, :, :8], np.asarray(tokens).reshape(2, 8, 8))
+    check_tokens(wide.reshape(2, -1), 48, allow_mask=False)
+    tall = np.asarray(task.outpaint(params, tokens, labels, jax.random.key(2), extend=3, direction="down",
+                                    num_steps=3))
+    assert tall.shape == (2, 11, 8)
+    np.testing.assert_array_equal(tall[:, :8], np.asarray(tokens).reshape(2, 8, 8))
+    # The whole canvas renders: the tokenizer's decoder is convolutional.
+    assert task.detokenize(jnp.asarray(wide)).shape == (2, 32, 56, 3)
