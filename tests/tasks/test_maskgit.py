@@ -328,11 +328,14 @@ def test_cached_logits_equal_the_causal_forward_pass(tokenizer_run):
                                      causal_mask(length)[:, :, :5], method=task.model.at_positions, mutable=["cache"])
     got = [logits]
     cache = state["cache"]
+
+    @jax.jit  # one compilation for every one-token step (the position is an argument)
+    def one_token(cache, ids, position):
+        mask = (jnp.arange(length) <= position[0])[None, None, None]
+        return task.model.apply({"params": params, "cache": cache}, ids, position, mask,
+                                method=task.model.at_positions, mutable=["cache"])
     for position in range(5, task.num_tokens):
-        mask = (jnp.arange(length) <= position)[None, None, None]
-        logits, state = task.model.apply({"params": params, "cache": cache}, sequence[:, position:position + 1],
-                                         jnp.asarray([position]), mask, method=task.model.at_positions,
-                                         mutable=["cache"])
+        logits, state = one_token(cache, sequence[:, position:position + 1], jnp.asarray([position]))
         got.append(logits)
         cache = state["cache"]
     np.testing.assert_allclose(np.concatenate(got, axis=1), np.asarray(full), atol=2e-5, rtol=1e-5)
