@@ -37,6 +37,8 @@ READ_ELSEWHERE = {
     "init_from.params_key": "Trainer._init_from_checkpoint, when init_from.workdir is set",
     "mim.teacher.step": "mim.teacher_from_config, when a teacher is used",
     "mim.teacher.params_key": "mim.teacher_from_config, when a teacher is used",
+    "tokenizer.perceptual_workdir": "TokenizerTask.__init__, when tokenizer.perceptual_weight > 0",
+    "tokenizer.perceptual_step": "TokenizerTask.__init__, when tokenizer.perceptual_weight > 0",
 }
 
 

@@ -120,6 +120,12 @@ class TokenizerTask:
         c = ml_collections.ConfigDict()
         c.reconstruction_loss = "l2"  # 'l2' (mean squared error) or 'l1' (mean absolute error) on pixels.
         c.quantizer_weight = 1.0  # Weight of the quantizer's loss (VQ codebook + commitment; FSQ has none).
+        # Perceptual term (off at 0): distance between the token features of a frozen maskjax classifier
+        # (a 'classification' run on the same data; VGG weights are not available offline) of image and
+        # reconstruction, LPIPS-style: unit-normalised per token, squared, averaged over tokens and blocks.
+        c.perceptual_weight = 0.0
+        c.perceptual_workdir = ""  # The classifier run (needed when perceptual_weight > 0).
+        c.perceptual_step = -1  # Its checkpoint step (-1 = latest).
         return c
 
     @classmethod
@@ -134,11 +140,36 @@ class TokenizerTask:
             _fail("tokenizer.reconstruction_loss", c.reconstruction_loss, f"must be one of {RECONSTRUCTION_LOSSES}")
         if c.quantizer_weight < 0:
             _fail("tokenizer.quantizer_weight", c.quantizer_weight, "must be >= 0")
+        if c.perceptual_weight < 0:
+            _fail("tokenizer.perceptual_weight", c.perceptual_weight, "must be >= 0 (0 = off)")
+        if c.perceptual_weight > 0 and not c.perceptual_workdir:
+            _fail("tokenizer.perceptual_workdir", c.perceptual_workdir, "needs a classification run on the same data "
+                  "when tokenizer.perceptual_weight > 0")
 
     def __init__(self, config: ml_collections.ConfigDict, *, load_params: Optional[Callable] = None):
-        del load_params
         self.config = config
         self.model: Tokenizer = build_model(config)
+        self.classifier = None
+        c = config.tokenizer
+        if c.perceptual_weight > 0:
+            from maskjax.tasks.sample_quality import load_classifier
+            self.classifier, self.classifier_params, _ = load_classifier(
+                c.perceptual_workdir, c.perceptual_step, load_params, config.data.image_size, "tokenizer.perceptual")
+            self.classifier_params = jax.tree.map(jnp.asarray, self.classifier_params)
+
+    def perceptual_distance(self, images: jax.Array, reconstructions: jax.Array) -> jax.Array:
+        """float32 []: the mean over the classifier's blocks of the squared distance between unit-normalised token
+        features of `images` (held fixed) and `reconstructions` (gradients flow to them), averaged over tokens."""
+        def block_features(x):
+            _, aux = self.classifier.apply({"params": self.classifier_params}, x, train=False)
+            return [aux[f"block_{i}"].astype(jnp.float32) for i in range(self.classifier.depth)]
+
+        def unit(x):
+            return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-10)
+        targets = jax.lax.stop_gradient(block_features(images))
+        distances = [jnp.mean(jnp.sum((unit(a) - unit(b)) ** 2, axis=-1))
+                     for a, b in zip(block_features(reconstructions), targets)]
+        return jnp.mean(jnp.stack(distances))
 
     def check_data(self, source: Any) -> None:
         check_image_channels(self.config, source)
@@ -155,8 +186,12 @@ class TokenizerTask:
         rec = jnp.mean(error ** 2) if self.config.tokenizer.reconstruction_loss == "l2" else jnp.mean(jnp.abs(error))
         loss = rec + self.config.tokenizer.quantizer_weight * aux["quantizer_loss"]
         used = jnp.zeros((self.model.vocab_size,), bool).at[aux["ids"].reshape(-1)].set(True)
-        return loss, {"reconstruction_loss": rec, "quantizer_loss": aux["quantizer_loss"],
-                      "batch_codebook_usage": jnp.mean(used.astype(jnp.float32))}
+        metrics = {"reconstruction_loss": rec, "quantizer_loss": aux["quantizer_loss"],
+                   "batch_codebook_usage": jnp.mean(used.astype(jnp.float32))}
+        if self.classifier is not None:
+            metrics["perceptual_loss"] = self.perceptual_distance(images, reconstruction)
+            loss = loss + self.config.tokenizer.perceptual_weight * metrics["perceptual_loss"]
+        return loss, metrics
 
     def eval_sums(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
         """Sums over the valid rows, and 'code_counts' float32 [codebook size]: how often each code was chosen."""

@@ -476,3 +476,26 @@ def test_inpainting_and_outpainting_keep_the_given_tokens(tokenizer_run):
     np.testing.assert_array_equal(tall[:, :8], np.asarray(tokens).reshape(2, 8, 8))
     # The whole canvas renders: the tokenizer's decoder is convolutional.
     assert task.detokenize(jnp.asarray(wide)).shape == (2, 32, 56, 3)
+
+
+def test_perceptual_term_is_the_normalised_block_feature_distance(tokenizer_run, classifier_run):
+    config = tokenizer_config(tokenizer__perceptual_weight=0.5, tokenizer__perceptual_workdir=classifier_run)
+    config_lib.validate(config, 1)
+    task = TokenizerTask(config, load_params=load_params)
+    params, _ = load_params(tokenizer_run[0])
+    x = images(3)
+    reconstruction, _ = task.model.apply({"params": params}, x)
+    _, aux_x = task.classifier.apply({"params": task.classifier_params}, x)
+    _, aux_r = task.classifier.apply({"params": task.classifier_params}, reconstruction)
+    want = []
+    for i in range(task.classifier.depth):
+        a, b = np.asarray(aux_r[f"block_{i}"], np.float64), np.asarray(aux_x[f"block_{i}"], np.float64)
+        a /= np.linalg.norm(a, axis=-1, keepdims=True)
+        b /= np.linalg.norm(b, axis=-1, keepdims=True)
+        want.append(((a - b) ** 2).sum(-1).mean())
+    assert float(task.perceptual_distance(x, reconstruction)) == pytest.approx(np.mean(want), rel=1e-4)
+    assert float(task.perceptual_distance(x, x)) == pytest.approx(0.0, abs=1e-6)
+    loss, metrics = task.loss(params, {"image": x}, jax.random.key(0), train=False)
+    assert float(loss) == pytest.approx(float(metrics["reconstruction_loss"]) + 0.5 * np.mean(want), rel=1e-4)
+    with pytest.raises(ValueError, match="config.tokenizer.perceptual_workdir='': needs a classification run"):
+        config_lib.validate(tokenizer_config(tokenizer__perceptual_weight=0.5), 1)
