@@ -39,6 +39,7 @@ READ_ELSEWHERE = {
     "mim.teacher.params_key": "mim.teacher_from_config, when a teacher is used",
     "tokenizer.perceptual_workdir": "TokenizerTask.__init__, when tokenizer.perceptual_weight > 0",
     "tokenizer.perceptual_step": "TokenizerTask.__init__, when tokenizer.perceptual_weight > 0",
+    "tokenizer.adversarial_start": "TokenizerTask.loss, when tokenizer.adversarial_weight > 0",
 }
 
 

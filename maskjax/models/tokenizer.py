@@ -219,6 +219,22 @@ class FSQ(nn.Module):
         return self.project_out(fsq_ids_to_codes(ids, self.levels) / self._half_width())
 
 
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017) as in VQGAN: stride-2 4x4 convolutions with leaky ReLU (GroupNorm after the
+    first), then a 1-channel 4x4 convolution. images [B, H, W, C] -> real/fake logits [B, H/4, W/4] per patch."""
+
+    filters: int = 32
+    norm_groups: int = 8
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = nn.leaky_relu(_conv(self.filters, kernel=4, stride=2, name="conv1")(images), 0.2)
+        x = _conv(2 * self.filters, kernel=4, stride=2, name="conv2")(x)
+        x = nn.leaky_relu(_group_norm(self.norm_groups, "norm2")(x), 0.2)
+        x = nn.leaky_relu(_conv(4 * self.filters, kernel=4, name="conv3")(x), 0.2)
+        return _conv(1, kernel=4, name="logits")(x)[..., 0].astype(jnp.float32)
+
+
 class Tokenizer(nn.Module):
     """Encoder -> quantizer -> decoder. `quantizer` is 'vq' or 'fsq'; f = 2 ** (len(channel_multipliers) - 1).
 
@@ -238,6 +254,7 @@ class Tokenizer(nn.Module):
     commitment_cost: float = 0.25
     l2_normalize: bool = False
     dead_code_weight: float = 0.0
+    discriminator_filters: int = 0  # > 0: a PatchGAN discriminator (under 'discriminator') for adversarial training.
 
     @property
     def downsample(self) -> int:
@@ -260,6 +277,8 @@ class Tokenizer(nn.Module):
                                             self.dead_code_weight)
         else:
             self.quantize = FSQ(tuple(self.fsq_levels), self.embedding_dim)
+        if self.discriminator_filters > 0:
+            self.discriminator = PatchDiscriminator(self.discriminator_filters, self.norm_groups)
 
     def _check(self, images: jax.Array) -> None:
         chex.assert_rank(images, 4)
@@ -271,7 +290,16 @@ class Tokenizer(nn.Module):
     def __call__(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
         self._check(images)
         quantized, ids, aux = self.quantize(self.encoder(images), train=train)
-        return self.decoder(quantized), {"ids": ids, **aux}
+        reconstruction = self.decoder(quantized)
+        if self.discriminator_filters > 0 and self.is_initializing():
+            self.discriminator(images)  # creates its parameters
+        return reconstruction, {"ids": ids, **aux}
+
+    def discriminate(self, images: jax.Array) -> jax.Array:
+        """PatchGAN logits [B, H/4, W/4] of images (needs discriminator_filters > 0)."""
+        if self.discriminator_filters <= 0:
+            raise ValueError("Tokenizer.discriminate: built without a discriminator (discriminator_filters=0)")
+        return self.discriminator(images)
 
     def encode(self, images: jax.Array) -> jax.Array:
         """[B, H, W, C] -> token ids int32 [B, H/f, W/f]."""

@@ -30,6 +30,7 @@ def tokenizer_schema() -> ml_collections.ConfigDict:
     m.commitment_cost = 0.25  # VQ: weight of the commitment loss ||z - sg(e)||^2.
     m.l2_normalize = False  # VQ: nearest code by cosine similarity (l2-normalised codes and latents).
     m.dead_code_weight = 0.0  # VQ: pull codes unused in the batch towards random latents (0 = off).
+    m.discriminator_filters = 0  # > 0: a PatchGAN discriminator of this width (needed by tokenizer.adversarial_*).
     m.embedding_dim = 64  # Width of the latent grid the quantizer sees.
     m.filters = 64  # Channels of the first resolution level.
     m.channel_multipliers = (1, 2, 2)  # Channels per level; downsampling factor f = 2 ** (levels - 1).
@@ -64,6 +65,9 @@ def validate_tokenizer(config: ml_collections.ConfigDict) -> None:
     if config.data.image_size % f:
         _fail("data.image_size", config.data.image_size, f"must be a multiple of the tokenizer's downsampling "
               f"factor {f} (model.channel_multipliers={tuple(m.channel_multipliers)})")
+    if m.discriminator_filters < 0 or (m.discriminator_filters and (2 * m.discriminator_filters) % m.norm_groups):
+        _fail("model.discriminator_filters", m.discriminator_filters, f"must be 0 (none) or a positive width whose "
+              f"double divides by model.norm_groups={m.norm_groups}")
     if m.commitment_cost < 0 or m.dead_code_weight < 0:
         _fail("model.commitment_cost" if m.commitment_cost < 0 else "model.dead_code_weight",
               min(m.commitment_cost, m.dead_code_weight), "must be >= 0")
@@ -75,7 +79,7 @@ def tokenizer_from_config(config: ml_collections.ConfigDict) -> Tokenizer:
                      embedding_dim=m.embedding_dim, filters=m.filters, channel_multipliers=tuple(m.channel_multipliers),
                      num_res_blocks=m.num_res_blocks, norm_groups=m.norm_groups, channels=m.channels,
                      commitment_cost=m.commitment_cost, l2_normalize=m.l2_normalize,
-                     dead_code_weight=m.dead_code_weight)
+                     dead_code_weight=m.dead_code_weight, discriminator_filters=m.discriminator_filters)
 
 
 register_model(ModelSpec(name="conv_tokenizer", schema=tokenizer_schema, validate=validate_tokenizer,
@@ -126,6 +130,10 @@ class TokenizerTask:
         c.perceptual_weight = 0.0
         c.perceptual_workdir = ""  # The classifier run (needed when perceptual_weight > 0).
         c.perceptual_step = -1  # Its checkpoint step (-1 = latest).
+        # Adversarial term (off at 0): hinge loss of a PatchGAN discriminator (model.discriminator_filters > 0),
+        # trained in the same step by the same optimizer: each part of the loss reaches only its own parameters.
+        c.adversarial_weight = 0.0
+        c.adversarial_start = 0  # Optimizer step from which both adversarial terms count (VQGAN starts late).
         return c
 
     @classmethod
@@ -142,6 +150,12 @@ class TokenizerTask:
             _fail("tokenizer.quantizer_weight", c.quantizer_weight, "must be >= 0")
         if c.perceptual_weight < 0:
             _fail("tokenizer.perceptual_weight", c.perceptual_weight, "must be >= 0 (0 = off)")
+        if c.adversarial_weight < 0 or c.adversarial_start < 0:
+            _fail("tokenizer.adversarial_weight" if c.adversarial_weight < 0 else "tokenizer.adversarial_start",
+                  min(c.adversarial_weight, c.adversarial_start), "must be >= 0")
+        if c.adversarial_weight > 0 and config.model.discriminator_filters <= 0:
+            _fail("tokenizer.adversarial_weight", c.adversarial_weight, "needs a discriminator: set "
+                  "model.discriminator_filters > 0")
         if c.perceptual_weight > 0 and not c.perceptual_workdir:
             _fail("tokenizer.perceptual_workdir", c.perceptual_workdir, "needs a classification run on the same data "
                   "when tokenizer.perceptual_weight > 0")
@@ -191,7 +205,27 @@ class TokenizerTask:
         if self.classifier is not None:
             metrics["perceptual_loss"] = self.perceptual_distance(images, reconstruction)
             loss = loss + self.config.tokenizer.perceptual_weight * metrics["perceptual_loss"]
+        c = self.config.tokenizer
+        if c.adversarial_weight > 0 and train:
+            generator_loss, discriminator_loss = self.adversarial_losses(params, images, reconstruction)
+            on = (jnp.asarray(0 if step is None else step) >= c.adversarial_start).astype(jnp.float32)
+            loss = loss + on * (c.adversarial_weight * generator_loss + discriminator_loss)
+            metrics.update(generator_loss=generator_loss, discriminator_loss=discriminator_loss)
         return loss, metrics
+
+    def adversarial_losses(self, params: Any, images: jax.Array,
+                           reconstructions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(generator loss -mean D(x_hat), discriminator hinge loss mean relu(1 - D(x)) + mean relu(1 + D(x_hat))).
+        The generator loss sees the discriminator's parameters through stop_gradient and the discriminator loss
+        sees the reconstructions through stop_gradient, so one optimizer step on their sum updates each network
+        with its own loss only."""
+        frozen = dict(params, discriminator=jax.lax.stop_gradient(params["discriminator"]))
+        fake_for_generator = self.model.apply({"params": frozen}, reconstructions, method=Tokenizer.discriminate)
+        real = self.model.apply({"params": params}, images, method=Tokenizer.discriminate)
+        fake = self.model.apply({"params": params}, jax.lax.stop_gradient(reconstructions),
+                                method=Tokenizer.discriminate)
+        discriminator_loss = jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake))
+        return -jnp.mean(fake_for_generator), discriminator_loss
 
     def eval_sums(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
         """Sums over the valid rows, and 'code_counts' float32 [codebook size]: how often each code was chosen."""

@@ -499,3 +499,37 @@ def test_perceptual_term_is_the_normalised_block_feature_distance(tokenizer_run,
     assert float(loss) == pytest.approx(float(metrics["reconstruction_loss"]) + 0.5 * np.mean(want), rel=1e-4)
     with pytest.raises(ValueError, match="config.tokenizer.perceptual_workdir='': needs a classification run"):
         config_lib.validate(tokenizer_config(tokenizer__perceptual_weight=0.5), 1)
+
+
+def test_adversarial_terms_each_reach_only_their_own_network():
+    """One optimizer, two losses: the gradient of the summed loss on the discriminator equals the gradient of the
+    hinge loss alone, and on the autoencoder it equals that of reconstruction + w * (-D(x_hat)) alone (both
+    written out here with plain jax.grad)."""
+    config = tokenizer_config(model__discriminator_filters=8, tokenizer__adversarial_weight=0.3)
+    config_lib.validate(config, 1)
+    task = TokenizerTask(config)
+    x = images(2)
+    params = nn.meta.unbox(task.init(jax.random.key(0), {"image": x}))["params"]
+    assert "discriminator" in params
+
+    def total(p):
+        return task.loss(p, {"image": x}, jax.random.key(1), train=True, step=jnp.asarray(5))[0]
+
+    def disc(p):
+        reconstruction = task.model.apply({"params": p}, x)[0]
+        d = lambda images: task.model.apply({"params": p}, images, method=task.model.discriminate)
+        return jnp.mean(jax.nn.relu(1 - d(x))) + jnp.mean(jax.nn.relu(1 + d(reconstruction)))
+
+    def autoencoder(p):
+        reconstruction = task.model.apply({"params": p}, x)[0]
+        fake = task.model.apply({"params": p}, reconstruction, method=task.model.discriminate)
+        return jnp.mean((reconstruction - x) ** 2) + 0.3 * -jnp.mean(fake)
+
+    g_total, g_disc, g_ae = jax.grad(total)(params), jax.grad(disc)(params), jax.grad(autoencoder)(params)
+    for a, b in zip(jax.tree.leaves(g_total["discriminator"]), jax.tree.leaves(g_disc["discriminator"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for part in ("encoder", "decoder"):
+        for a, b in zip(jax.tree.leaves(g_total[part]), jax.tree.leaves(g_ae[part])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="config.tokenizer.adversarial_weight=0.3: needs a discriminator"):
+        config_lib.validate(tokenizer_config(tokenizer__adversarial_weight=0.3), 1)
