@@ -121,15 +121,28 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def reads_by_task(tmp_path_factory):
-    """{task: keys read by name in any short run of a config file of that task (or one of its VARIANTS)}."""
+def task_of(name: str) -> str:
+    return load(name).get_config("runlocal").task
+
+
+# Two groups that share no run, so `pytest -n 2 --dist loadgroup` runs them side by side: the encoder configs
+# (vit_builtin's checkpoint is the MIM teacher) and the generator configs (tokenizer runs feed the generators).
+GENERATOR_TASKS = ("tokenizer", "maskgit", "autoregressive", "m2t")
+GROUP_OF = {name: "generators" if task_of(name) in GENERATOR_TASKS else "encoders" for name in CONFIG_FILES}
+_READS: dict = {}
+
+
+def reads_of_group(group: str, tmp_path_factory) -> dict:
+    """{task: keys read by name in any short run of a config file of that task (or one of its VARIANTS)}, for
+    the config files of `group`; computed once per process."""
+    if group in _READS:
+        return _READS[group]
     from maskjax.data import fashion_mnist
 
     reads, teacher, tokenizers = {}, None, {}
-    # vit_builtin's checkpoint is the MIM teacher, the tokenizer runs serve the generator configs of their data.
-    first = ("vit_builtin.py", "tokenizer_builtin.py", "tokenizer_fashion_mnist.py")
-    for name in sorted(CONFIG_FILES, key=lambda n: (n not in first, n)):
+    first = ("vit_builtin.py", "tokenizer_builtin.py", "tokenizer_fashion_mnist.py")  # producers run first
+    names = [n for n in CONFIG_FILES if GROUP_OF[n] == group]
+    for name in sorted(names, key=lambda n: (n not in first, n)):
         base = load(name).get_config("runlocal")
         if base.data.name == "fashion_mnist" and not fashion_mnist.available():
             continue
@@ -146,17 +159,19 @@ def reads_by_task(tmp_path_factory):
                 teacher = workdir  # a classifier checkpoint for the MIM teacher variant
             if config.task == "tokenizer" and not variant:
                 tokenizers[config.data.name] = workdir
+    _READS[group] = reads
     return reads
 
 
-@pytest.mark.parametrize("name", CONFIG_FILES)
-def test_every_key_of_every_config_file_is_read(name, reads_by_task):
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xdist_group(GROUP_OF[name]))
+                                  for name in CONFIG_FILES])
+def test_every_key_of_every_config_file_is_read(name, tmp_path_factory):
     config = load(name).get_config("runlocal")
     if config.data.name == "fashion_mnist":
         from maskjax.data import fashion_mnist
         if not fashion_mnist.available():
             pytest.skip("Fashion-MNIST IDX files not installed (sudo apt-get install dataset-fashion-mnist)")
-    dead = sorted(candidate_keys(config) - reads_by_task[config.task])
+    dead = sorted(candidate_keys(config) - reads_of_group(GROUP_OF[name], tmp_path_factory)[config.task])
     assert not dead, f"keys no code reads: {dead}"
 
 
