@@ -36,7 +36,7 @@ run: $(STAMP)
 	$(VENV)/bin/python -m maskjax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(TEST_STAMP)
-	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup --durations=15 tests
+	$(VENV)/bin/python -m pytest -n 2 --durations=15 tests
 
 clean:
 	rm -rf $(VENV) workdirs
