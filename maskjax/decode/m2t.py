@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskjax.attention import masks as mask_lib
+from maskjax.decode.autoregressive import _sample
 
 
 def group_allowed(num_groups: int) -> np.ndarray:
@@ -54,14 +55,6 @@ def _positions_by_group(groups: np.ndarray) -> list[np.ndarray]:
         raise ValueError(f"groups: expected int [L] with the prefix at 0 and every group 1..T present, got "
                          f"{groups.tolist()}")
     return [np.flatnonzero(groups == g).astype(np.int32) for g in range(int(groups.max()) + 1)]
-
-
-def _sample(key: jax.Array, logits: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
 def decode_cached(prefix: jax.Array, rng: jax.Array, step_fn: Callable, cache: Any, groups: np.ndarray, *,
