@@ -31,7 +31,9 @@ setuptools.setup(
         # transformers/safetensors/huggingface_hub/pyyaml: checkpoint-conversion tests (tests/convert), the latter two
         # also timm's dependencies. torch (CPU), timm and torchvision are installed by the Makefile (see there why).
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-                 "transformers>=5.0", "safetensors>=0.4", "huggingface_hub>=0.20", "pyyaml>=6.0"],
+                 "transformers>=5.0", "safetensors>=0.4", "huggingface_hub>=0.20", "pyyaml>=6.0",
+                 # The official MaskGIT code (no dependencies of its own): the reference of tests/convert.
+                 "maskgit>=0.0.1.dev0"],
         # TensorFlow is only needed for TFDS datasets whose builders require it (e.g. `fashion_mnist` download).
         "tfds": ["tensorflow-cpu>=2.16"],
         "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],

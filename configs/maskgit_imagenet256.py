@@ -4,11 +4,12 @@ width 768, 16 heads, MLP 3072, dropout 0.1) over the 16x16 tokens of a frozen f 
 (configs/tokenizer_imagenet256.py), cosine schedule, label smoothing 0.1, Adam (0.9, 0.96), lr 1e-4, weight decay
 0.045, batch 256; 8 decoding steps with choice temperature 4.5. Not run here (no ImageNet, no accelerator).
 
-Differences from the official code: label dropout 0.1 trains a null class for classifier-free guidance (the
-official code has none; guidance stays off by default, maskgit.guidance_scale = 0); blocks are pre-LN (the
-official BERT is post-LN); the official `min_masking_rate=0.5` is not implemented. The training length of the
-paper (300 epochs) is recalled, not found in the stored sources: unverified; the 5k warm-up steps are maskjax's
-choice.
+The transformer has the official architecture (post-LN BERT blocks, tanh GELU, LayerNorm eps 1e-12), so the
+official checkpoints import into it (maskjax/convert/maskgit_official.py; `python -m maskjax.convert.maskgit_official`
+writes them as a tokenizer run and a MaskGIT run). Differences from the official training: label dropout 0.1 trains
+a null class for classifier-free guidance (the official code has none; guidance stays off by default,
+maskgit.guidance_scale = 0); the official `min_masking_rate=0.5` is not implemented. The training length of the paper
+(300 epochs) is recalled, not found in the stored sources: unverified; the 5k warm-up steps are maskjax's choice.
 
 Commands (a TPU/GPU pod; every process runs them):
   python -m maskjax.main --config=configs/tokenizer_imagenet256.py --workdir=gs://bucket/tokenizer256 --distributed=auto
@@ -42,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.num_classes = 1000
     c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 768, 24, 16, 3072
     c.model.dropout = 0.1
+    c.model.norm_position, c.model.approximate_gelu, c.model.layer_norm_eps = "post", True, 1e-12
     c.model.dtype = "bfloat16"
     c.batch_size = batch
     c.total_steps = int(args.get("epochs", 300)) * steps_per_epoch

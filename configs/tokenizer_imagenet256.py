@@ -4,9 +4,11 @@ dimension 256, codebook + 0.25 commitment loss (no EMA), as in google-research/m
 Not run here (no ImageNet, no accelerator). The optimizer settings (Adam 0/0.99, lr 1e-4, 10k warm-up steps,
 500k steps) are maskjax's choice: the official VQGAN training recipe is not in the stored sources.
 
-Differences from the official VQGAN: no perceptual (VGG) and no adversarial loss (maskjax's tokenizer trains on
-pixels only), so its reconstructions will be blurrier than the official FID 2.28; the official weights are the
-intended tokenizer of configs/maskgit_imagenet256.py once they can be imported (issue 15, item 8).
+The blocks are the official ones (`model.layout='maskgit'`: bias-free convolutions, average-pool downsampling), so
+the official weights import into this model (maskjax/convert/maskgit_official.py). Differences from the official
+training: no perceptual (VGG) and no adversarial loss by default (VGG weights are not available offline), so a
+tokenizer trained with this config will be blurrier than the official one (reported rFID 2.28); the imported
+official weights are the intended tokenizer of configs/maskgit_imagenet256.py.
 
 Command (a TPU/GPU pod; every process runs it, see README "Devices, meshes and many hosts"):
   python -m maskjax.main --config=configs/tokenizer_imagenet256.py --workdir=gs://bucket/tokenizer256 --distributed=auto
@@ -33,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.num_res_blocks = 2
     c.model.norm_groups = 32
     c.model.channels = 3
+    c.model.layout = "maskgit"
     c.batch_size = 256
     c.total_steps = int(args.get("steps", 500_000))
     c.optimizer.name = "adam"

@@ -53,13 +53,13 @@ def train_all(workdirs: str, steps: dict, extra: dict) -> dict:
     plan = [
         ("classifier", "configs/vit_builtin.py", {}, steps["classifier"]),
         ("tokenizer_fsq", "configs/tokenizer_builtin.py", {}, steps["tokenizer"]),
-        ("tokenizer_vq", "configs/tokenizer_builtin.py:quantizer=vq", {}, steps["tokenizer"]),
-        ("tokenizer_vq_pull", "configs/tokenizer_builtin.py:quantizer=vq", {"model.dead_code_weight": 1.0},
-         steps["tokenizer"]),
         ("maskgit", "configs/maskgit_builtin.py", {"maskgit.tokenizer_workdir": tok}, steps["generator"]),
         ("autoregressive", "configs/autoregressive_builtin.py", {"autoregressive.tokenizer_workdir": tok},
          steps["generator"]),
         ("m2t", "configs/m2t_builtin.py", {"m2t.tokenizer_workdir": tok}, steps["generator"]),
+        ("tokenizer_vq", "configs/tokenizer_builtin.py:quantizer=vq", {}, steps["tokenizer"]),
+        ("tokenizer_vq_pull", "configs/tokenizer_builtin.py:quantizer=vq", {"model.dead_code_weight": 1.0},
+         steps["tokenizer"]),
     ]
     runs = {}
     for name, config, overrides, total in plan:

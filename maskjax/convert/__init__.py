@@ -1,6 +1,8 @@
-"""Checkpoint interop: timm ViT and Hugging Face ViTMAE (PyTorch / safetensors) <-> maskjax parameters.
+"""Checkpoint interop: timm ViT and Hugging Face ViTMAE (PyTorch / safetensors) <-> maskjax parameters, and the
+official MaskGIT JAX checkpoints -> maskjax (`maskjax.convert.maskgit_official`).
 
     from maskjax.convert import timm_to_maskjax, maskjax_to_timm, hf_mae_to_maskjax, maskjax_to_hf_mae
+    from maskjax.convert.maskgit_official import official_tokenizer_to_maskjax, official_transformer_to_maskjax
 
 Inputs are state dicts (dicts of torch tensors or numpy arrays) or checkpoint paths (.safetensors, .pth); the
 converters need numpy and, for torch tensors / .pth files / 'pt' outputs, torch. Every converter checks keys and

@@ -244,8 +244,14 @@ class LayerScale(nn.Module):
         return x * scale.astype(self.dtype)
 
 
+NORM_POSITIONS = ("pre", "post")
+
+
 class Encoder1DBlock(nn.Module):
     """Pre-LN transformer block: x + DropPath(LS(Attn(LN(x)))), then x + DropPath(LS(MLP(LN(x)))).
+
+    `norm_position='post'`: the original Transformer / BERT block, LN(x + Attn(x)), then LN(x + MLP(x)) (the
+    official MaskGIT transformer's layout; same parameter names).
 
     `__call__(x [batch, tokens, embed], mask, train)` takes positional arguments so `nn.remat` can mark `train`
     static. Returns the same shape.
@@ -259,6 +265,7 @@ class Encoder1DBlock(nn.Module):
     qk_norm: bool = False
     approximate_gelu: bool = False
     layer_norm_eps: float = 1e-6
+    norm_position: str = "pre"
     dtype: Dtype = jnp.float32
     attention: AttentionOptions = AttentionOptions()
 
@@ -266,8 +273,13 @@ class Encoder1DBlock(nn.Module):
     def __call__(self, x: jax.Array, mask: Any = None, train: bool = False,
                  cache_positions: Optional[jax.Array] = None) -> jax.Array:
         chex.assert_rank(x, 3)
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(f"Encoder1DBlock: norm_position={self.norm_position!r} must be one of {NORM_POSITIONS}")
+        pre = self.norm_position == "pre"
+        norm1 = layer_norm(self.layer_norm_eps, self.dtype, name="norm1")
+        norm2 = layer_norm(self.layer_norm_eps, self.dtype, name="norm2")
         x = constrain_tokens(x)
-        y = layer_norm(self.layer_norm_eps, self.dtype, name="norm1")(x)
+        y = norm1(x) if pre else x
         y = MultiHeadAttention(num_heads=self.num_heads, qk_norm=self.qk_norm, layer_norm_eps=self.layer_norm_eps,
                                dtype=self.dtype, options=self.attention, name="attn")(
             y, mask=mask, cache_positions=cache_positions)
@@ -275,16 +287,16 @@ class Encoder1DBlock(nn.Module):
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, dtype=self.dtype, name="ls1")(y)
         x = x + DropPath(self.drop_path_rate, name="drop_path1")(y, train=train)
-        x = constrain_tokens(x)
+        x = constrain_tokens(x if pre else norm1(x))
 
-        y = layer_norm(self.layer_norm_eps, self.dtype, name="norm2")(x)
+        y = norm2(x) if pre else x
         y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, approximate_gelu=self.approximate_gelu,
                      dtype=self.dtype, name="mlp")(y, train=train)
         y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, dtype=self.dtype, name="ls2")(y)
         x = x + DropPath(self.drop_path_rate, name="drop_path2")(y, train=train)
-        return constrain_tokens(x)
+        return constrain_tokens(x if pre else norm2(x))
 
 
 def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
@@ -293,7 +305,8 @@ def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
 
 
 class Encoder(nn.Module):
-    """A stack of `depth` pre-LN blocks followed by a final LayerNorm.
+    """A stack of `depth` pre-LN blocks followed by a final LayerNorm (`norm_position='post'`: post-LN blocks and
+    no final norm, BERT's layout).
 
     `__call__(x [batch, tokens, embed], *, mask=None, train=False) -> (encoded [batch, tokens, embed], aux)`,
     aux['block_{i}'] = output of block i (before the final norm). `mask` is given to every block, or, as a
@@ -311,6 +324,7 @@ class Encoder(nn.Module):
     qk_norm: bool = False
     approximate_gelu: bool = False
     layer_norm_eps: float = 1e-6
+    norm_position: str = "pre"
     remat: bool = False
     dtype: Dtype = jnp.float32
     attention: AttentionOptions = AttentionOptions()
@@ -333,11 +347,14 @@ class Encoder(nn.Module):
                 qk_norm=self.qk_norm,
                 approximate_gelu=self.approximate_gelu,
                 layer_norm_eps=self.layer_norm_eps,
+                norm_position=self.norm_position,
                 dtype=self.dtype,
                 attention=self.attention.for_layer(i, self.depth),
                 name=f"block_{i}",
             )(x, layer_masks[i], train, cache_positions)
             aux[f"block_{i}"] = x
+        if self.norm_position == "post":
+            return x, aux
         encoded = layer_norm(self.layer_norm_eps, self.dtype, name="encoder_norm")(x)
         return constrain_tokens(encoded), aux
 

@@ -44,6 +44,8 @@ class MaskGITTransformer(nn.Module):
     mlp_dim: int = 1024
     dropout: float = 0.1
     layer_norm_eps: float = 1e-6
+    norm_position: str = "pre"  # 'post': BERT's post-LN blocks without a final norm (the official code's layout).
+    approximate_gelu: bool = False  # True: tanh GELU (jax.nn.gelu's default, the official code's).
     dtype: Dtype = jnp.float32
     attention: AttentionOptions = AttentionOptions()
 
@@ -70,7 +72,8 @@ class MaskGITTransformer(nn.Module):
         self.embed_norm = layer_norm(self.layer_norm_eps, self.dtype)
         self.embed_dropout = nn.Dropout(rate=self.dropout)
         self.encoder = Encoder(depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-                               layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, attention=self.attention)
+                               approximate_gelu=self.approximate_gelu, layer_norm_eps=self.layer_norm_eps,
+                               norm_position=self.norm_position, dtype=self.dtype, attention=self.attention)
         # MLM head tied to the embedding (BERT / official MaskGIT `MlmLayer`).
         self.mlm_dense = nn.Dense(
             self.width, dtype=self.dtype,
@@ -88,7 +91,7 @@ class MaskGITTransformer(nn.Module):
 
     def logits_of_hidden(self, hidden: jax.Array) -> jax.Array:
         """[B, n, width] -> [B, n, K]: the MLM head tied to the code rows of the token embedding."""
-        h = self.mlm_norm(nn.gelu(self.mlm_dense(hidden), approximate=False))
+        h = self.mlm_norm(nn.gelu(self.mlm_dense(hidden), approximate=self.approximate_gelu))
         return jnp.einsum("bnd,kd->bnk", h.astype(jnp.float32), self.token_embedding[:self.codebook_size]) \
             + self.mlm_bias
 

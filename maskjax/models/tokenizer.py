@@ -25,8 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-def _conv(features: int, kernel: int = 3, stride: int = 1, name: Optional[str] = None) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME", name=name,
+LAYOUTS = ("maskjax", "maskgit")
+
+
+def _conv(features: int, kernel: int = 3, stride: int = 1, name: Optional[str] = None,
+          use_bias: bool = True) -> nn.Conv:
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME", name=name, use_bias=use_bias,
                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, None)),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
 
@@ -38,40 +42,58 @@ def _group_norm(groups: int, name: Optional[str] = None) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GN -> swish -> conv3x3 -> GN -> swish -> conv3x3, plus a 1x1-projected skip when the width changes."""
+    """GN -> swish -> conv3x3 -> GN -> swish -> conv3x3, plus a 1x1-projected skip when the width changes.
+
+    `layout='maskgit'` reproduces the official MaskGIT VQGAN block exactly, so its checkpoints load: convolutions
+    without bias, and the 1x1 "skip" applied to the block's own output rather than to its input (as written in
+    `nets/vqgan_tokenizer.py`: `residual = conv_fn(...)(x)` after `x` was overwritten)."""
 
     features: int
     norm_groups: int
+    layout: str = "maskjax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        bias = self.layout == "maskjax"
         residual = x
-        x = _conv(self.features, name="conv1")(nn.swish(_group_norm(self.norm_groups, "norm1")(x)))
-        x = _conv(self.features, name="conv2")(nn.swish(_group_norm(self.norm_groups, "norm2")(x)))
+        x = _conv(self.features, name="conv1", use_bias=bias)(nn.swish(_group_norm(self.norm_groups, "norm1")(x)))
+        x = _conv(self.features, name="conv2", use_bias=bias)(nn.swish(_group_norm(self.norm_groups, "norm2")(x)))
         if residual.shape[-1] != self.features:
-            residual = _conv(self.features, kernel=1, name="skip")(residual)
+            residual = _conv(self.features, kernel=1, name="skip", use_bias=bias)(residual if bias else x)
         return x + residual
 
 
+def _average_pool_2x2(x: jax.Array) -> jax.Array:
+    """Non-overlapping 2x2 mean (TF-style 'SAME' pooling on even sizes): [B, H, W, C] -> [B, H/2, W/2, C]."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
 class ConvEncoder(nn.Module):
-    """[B, H, W, C] -> [B, H/f, W/f, embedding_dim]; one stride-2 downsampling between resolution levels."""
+    """[B, H, W, C] -> [B, H/f, W/f, embedding_dim]; one stride-2 downsampling between resolution levels (a 4x4
+    convolution; `layout='maskgit'`: 2x2 average pooling and a bias-free input convolution, as the official
+    VQGAN)."""
 
     filters: int
     channel_multipliers: Sequence[int]
     num_res_blocks: int
     embedding_dim: int
     norm_groups: int
+    layout: str = "maskjax"
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        x = _conv(self.filters, name="conv_in")(images)
+        official = self.layout == "maskgit"
+        x = _conv(self.filters, name="conv_in", use_bias=not official)(images)
         for level, multiplier in enumerate(self.channel_multipliers):
             for i in range(self.num_res_blocks):
-                x = ResBlock(self.filters * multiplier, self.norm_groups, name=f"level{level}_block{i}")(x)
+                x = ResBlock(self.filters * multiplier, self.norm_groups, self.layout,
+                             name=f"level{level}_block{i}")(x)
             if level < len(self.channel_multipliers) - 1:
-                x = _conv(x.shape[-1], kernel=4, stride=2, name=f"level{level}_down")(x)
+                x = _average_pool_2x2(x) if official else \
+                    _conv(x.shape[-1], kernel=4, stride=2, name=f"level{level}_down")(x)
         for i in range(self.num_res_blocks):
-            x = ResBlock(x.shape[-1], self.norm_groups, name=f"mid_block{i}")(x)
+            x = ResBlock(x.shape[-1], self.norm_groups, self.layout, name=f"mid_block{i}")(x)
         x = nn.swish(_group_norm(self.norm_groups, "norm_out")(x))
         return _conv(self.embedding_dim, kernel=1, name="conv_out")(x)
 
@@ -84,15 +106,16 @@ class ConvDecoder(nn.Module):
     num_res_blocks: int
     channels: int
     norm_groups: int
+    layout: str = "maskjax"
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         x = _conv(self.filters * self.channel_multipliers[-1], name="conv_in")(z)
         for i in range(self.num_res_blocks):
-            x = ResBlock(x.shape[-1], self.norm_groups, name=f"mid_block{i}")(x)
+            x = ResBlock(x.shape[-1], self.norm_groups, self.layout, name=f"mid_block{i}")(x)
         for level in reversed(range(len(self.channel_multipliers))):
             for i in range(self.num_res_blocks):
-                x = ResBlock(self.filters * self.channel_multipliers[level], self.norm_groups,
+                x = ResBlock(self.filters * self.channel_multipliers[level], self.norm_groups, self.layout,
                              name=f"level{level}_block{i}")(x)
             if level > 0:
                 b, h, w, c = x.shape
@@ -238,6 +261,9 @@ class PatchDiscriminator(nn.Module):
 class Tokenizer(nn.Module):
     """Encoder -> quantizer -> decoder. `quantizer` is 'vq' or 'fsq'; f = 2 ** (len(channel_multipliers) - 1).
 
+    `layout='maskgit'`: the official MaskGIT VQGAN's blocks (see `ResBlock`, `ConvEncoder`), whose networks see
+    pixels in [0, 1]; images in and out stay in maskjax's [-1, 1] (mapped at the boundary).
+
     __call__(images [B, H, W, C], train) -> (reconstruction [B, H, W, C], aux): aux holds 'ids' int32
     [B, H/f, W/f] and the quantizer's losses ('quantizer_loss', a scalar, 0 for FSQ).
     """
@@ -255,6 +281,7 @@ class Tokenizer(nn.Module):
     l2_normalize: bool = False
     dead_code_weight: float = 0.0
     discriminator_filters: int = 0  # > 0: a PatchGAN discriminator (under 'discriminator') for adversarial training.
+    layout: str = "maskjax"
 
     @property
     def downsample(self) -> int:
@@ -268,10 +295,12 @@ class Tokenizer(nn.Module):
     def setup(self):
         if self.quantizer not in ("vq", "fsq"):
             raise ValueError(f"Tokenizer: quantizer={self.quantizer!r} must be 'vq' or 'fsq'")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"Tokenizer: layout={self.layout!r} must be one of {LAYOUTS}")
         self.encoder = ConvEncoder(self.filters, tuple(self.channel_multipliers), self.num_res_blocks,
-                                   self.embedding_dim, self.norm_groups)
+                                   self.embedding_dim, self.norm_groups, self.layout)
         self.decoder = ConvDecoder(self.filters, tuple(self.channel_multipliers), self.num_res_blocks,
-                                   self.channels, self.norm_groups)
+                                   self.channels, self.norm_groups, self.layout)
         if self.quantizer == "vq":
             self.quantize = VectorQuantizer(self.codebook_size, self.commitment_cost, self.l2_normalize,
                                             self.dead_code_weight)
@@ -287,10 +316,17 @@ class Tokenizer(nn.Module):
             raise ValueError(f"Tokenizer: image size {h}x{w} is not a multiple of the downsampling factor "
                              f"{self.downsample} (channel_multipliers={tuple(self.channel_multipliers)})")
 
+    def _encode(self, images: jax.Array) -> jax.Array:
+        return self.encoder((images + 1.0) / 2.0 if self.layout == "maskgit" else images)
+
+    def _decode(self, quantized: jax.Array) -> jax.Array:
+        out = self.decoder(quantized)
+        return out * 2.0 - 1.0 if self.layout == "maskgit" else out
+
     def __call__(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
         self._check(images)
-        quantized, ids, aux = self.quantize(self.encoder(images), train=train)
-        reconstruction = self.decoder(quantized)
+        quantized, ids, aux = self.quantize(self._encode(images), train=train)
+        reconstruction = self._decode(quantized)
         if self.discriminator_filters > 0 and self.is_initializing():
             self.discriminator(images)  # creates its parameters
         return reconstruction, {"ids": ids, **aux}
@@ -304,9 +340,9 @@ class Tokenizer(nn.Module):
     def encode(self, images: jax.Array) -> jax.Array:
         """[B, H, W, C] -> token ids int32 [B, H/f, W/f]."""
         self._check(images)
-        return self.quantize(self.encoder(images))[1]
+        return self.quantize(self._encode(images))[1]
 
     def decode_ids(self, ids: jax.Array) -> jax.Array:
         """Token ids int32 [B, h, w] -> images [B, h*f, w*f, C]."""
         chex.assert_rank(ids, 3)
-        return self.decoder(self.quantize.embed_ids(ids))
+        return self._decode(self.quantize.embed_ids(ids))

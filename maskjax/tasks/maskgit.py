@@ -26,7 +26,7 @@ from maskjax.evaluate.metrics import softmax_cross_entropy
 from maskjax.masking.schedules import (SCHEDULES, check_schedule, halton_order, masked_count_for_training,
                                        step_group_sizes, token_groups)
 from maskjax.models.attention_options import AttentionOptions
-from maskjax.models.layers import ATTENTION_MAPS
+from maskjax.models.layers import ATTENTION_MAPS, NORM_POSITIONS
 from maskjax.models.maskgit import MaskGITTransformer, check_tokens
 from maskjax.models.tokenizer import Tokenizer
 from maskjax.tasks.base import ModelSpec, build_model, register_model, register_task
@@ -47,6 +47,9 @@ def maskgit_schema() -> ml_collections.ConfigDict:
     m.num_heads = 4  # Attention heads.
     m.mlp_dim = 1024  # MLP hidden width.
     m.dropout = 0.1  # Dropout on embeddings and in blocks (official MaskGIT: 0.1).
+    m.norm_position = "pre"  # 'pre' (ViT) or 'post' (BERT, the official MaskGIT transformer; no final norm).
+    m.approximate_gelu = False  # tanh GELU (the official code's jax.nn.gelu default) instead of the exact one.
+    m.layer_norm_eps = 1e-6  # LayerNorm epsilon (official MaskGIT: 1e-12).
     m.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); parameters stay float32.
     m.attention_backend = "auto"  # Backend of maskjax.attention.attention ('auto', 'reference', 'blocked', ...).
     return m
@@ -69,6 +72,10 @@ def validate_maskgit_model(config: ml_collections.ConfigDict) -> None:
         _fail("model.codebook_size", m.codebook_size, "must be the tokenizer's codebook size or -1 (take it)")
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", m.dropout, "must be in [0, 1)")
+    if m.norm_position not in NORM_POSITIONS:
+        _fail("model.norm_position", m.norm_position, f"must be one of {NORM_POSITIONS}")
+    if not m.layer_norm_eps > 0:
+        _fail("model.layer_norm_eps", m.layer_norm_eps, "must be > 0")
     if m.dtype not in ("float32", "bfloat16"):
         _fail("model.dtype", m.dtype, "must be 'float32' or 'bfloat16'")
     try:
@@ -104,7 +111,9 @@ def transformer_from_config(config: ml_collections.ConfigDict, codebook_size: in
               "it")
     return MaskGITTransformer(codebook_size=codebook_size, num_classes=m.num_classes, num_tokens=num_tokens,
                               width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-                              dropout=m.dropout, dtype=jnp.dtype(m.dtype),
+                              dropout=m.dropout, layer_norm_eps=m.get("layer_norm_eps", 1e-6),
+                              norm_position=m.get("norm_position", "pre"),
+                              approximate_gelu=m.get("approximate_gelu", False), dtype=jnp.dtype(m.dtype),
                               attention=AttentionOptions(backend=m.attention_backend))
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maskjax.models.tokenizer import Tokenizer
+from maskjax.models.tokenizer import LAYOUTS, Tokenizer
 from maskjax.tasks.base import ModelSpec, build_model, register_model, register_task
 
 Batch = Mapping[str, jax.Array]
@@ -37,6 +37,7 @@ def tokenizer_schema() -> ml_collections.ConfigDict:
     m.num_res_blocks = 1  # Residual blocks per level.
     m.norm_groups = 16  # GroupNorm groups (must divide every level's channels).
     m.channels = 3  # Image channels (3 for the built-in shapes, 1 for Fashion-MNIST).
+    m.layout = "maskjax"  # 'maskgit': the official MaskGIT VQGAN's blocks (to load its checkpoints; see Tokenizer).
     return m
 
 
@@ -54,6 +55,8 @@ def validate_tokenizer(config: ml_collections.ConfigDict) -> None:
         _fail("model.codebook_size", m.codebook_size, "must be >= 2")
     if not m.channel_multipliers or min(m.channel_multipliers) < 1:
         _fail("model.channel_multipliers", tuple(m.channel_multipliers), "needs positive multipliers")
+    if m.layout not in LAYOUTS:
+        _fail("model.layout", m.layout, f"must be one of {LAYOUTS}")
     for key in ("embedding_dim", "filters", "num_res_blocks", "norm_groups", "channels"):
         if m[key] < 1:
             _fail(f"model.{key}", m[key], "must be >= 1")
@@ -79,7 +82,8 @@ def tokenizer_from_config(config: ml_collections.ConfigDict) -> Tokenizer:
                      embedding_dim=m.embedding_dim, filters=m.filters, channel_multipliers=tuple(m.channel_multipliers),
                      num_res_blocks=m.num_res_blocks, norm_groups=m.norm_groups, channels=m.channels,
                      commitment_cost=m.commitment_cost, l2_normalize=m.l2_normalize,
-                     dead_code_weight=m.dead_code_weight, discriminator_filters=m.discriminator_filters)
+                     dead_code_weight=m.dead_code_weight, discriminator_filters=m.discriminator_filters,
+                     layout=m.get("layout", "maskjax"))  # runs saved before the key existed: the default
 
 
 register_model(ModelSpec(name="conv_tokenizer", schema=tokenizer_schema, validate=validate_tokenizer,
