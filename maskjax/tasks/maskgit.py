@@ -453,8 +453,51 @@ class MaskGITTask(TokenGeneratorBase):
         return {"samples": self.detokenize(final), "steps": steps, "step_masks": history == self.mask_id}
 
 
+class CachedTokenGenerator(TokenGeneratorBase):
+    """What the autoregressive baseline and M2T share: decoding with the model's key/value cache under a fixed
+    attention mask over the N + 1 positions (`decode_mask`), and no MaskGIT sampling options."""
+
+    def decode_mask(self) -> jax.Array:
+        """bool [1, 1, N + 1, N + 1]: who may attend to whom while decoding (True = may attend)."""
+        raise NotImplementedError
+
+    def empty_cache(self, params: Any, batch_size: int) -> Any:
+        """The model's key/value cache for N + 1 positions, zeroed."""
+        length = self.num_tokens + 1
+        _, state = self.model.apply({"params": params}, jnp.zeros((batch_size, length), jnp.int32),
+                                    jnp.arange(length), self.decode_mask(),
+                                    method=MaskGITTransformer.at_positions, mutable=["cache"])
+        return jax.tree.map(jnp.zeros_like, state["cache"])
+
+    def cached_step_fn(self, params: Any) -> Callable:
+        """(cache, ids [B, n], positions [n], mask) -> (logits [B, n, K], cache): the decoders' model step."""
+        def step_fn(cache, ids, positions, mask):
+            logits, state = self.model.apply({"params": params, "cache": cache}, ids, positions, mask,
+                                             method=MaskGITTransformer.at_positions, mutable=["cache"])
+            return logits, state["cache"]
+        return step_fn
+
+    def generate_images(self, params: Any, labels: jax.Array, rng: jax.Array, **sampling) -> jax.Array:
+        """Images [B, H, W, C] sampled for class `labels` int32 [B] (options of `sample`)."""
+        return self.detokenize(self.sample(params, labels, rng, **sampling))
+
+    @classmethod
+    def sampling_overrides(cls, options: ml_collections.ConfigDict) -> dict:
+        """The sample_quality options that apply here: none (decode steps, guidance and choice temperature are
+        MaskGIT's); ValueErrors when one is set."""
+        for key, unset in (("decode_steps", 0), ("guidance_scale", -1.0), ("choice_temperature", -1.0)):
+            if options[key] != unset:
+                raise ValueError(f"config.evals.<sample_quality>.{key}={options[key]!r}: the {cls.name} task has no "
+                                 f"such setting (its decoding is set in config.{cls.name}); leave it at {unset}")
+        return {}
+
+    def predict(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+        """Class-conditional samples for the batch's labels, as images."""
+        return {"samples": self.generate_images(params, self._labels(batch), jax.random.key(0))}
+
+
 @register_task
-class AutoregressiveTask(TokenGeneratorBase):
+class AutoregressiveTask(CachedTokenGenerator):
     """The autoregressive baseline: the same transformer, causal in raster order over [class, t_1 .. t_N] (position
     j predicts t_{j+1}), trained with next-token cross-entropy on every token and sampled with a key/value cache
     (`maskjax.decode.autoregressive`). Fields: 'image', 'label'."""
@@ -524,13 +567,8 @@ class AutoregressiveTask(TokenGeneratorBase):
         return {"loss": nats, "bits_per_token": nats / float(np.log(2.0)),
                 "accuracy": float(sums["accuracy"]) / tokens}
 
-    def empty_cache(self, params: Any, batch_size: int) -> Any:
-        """The model's key/value cache for N + 1 positions, zeroed."""
-        length = self.num_tokens + 1
-        _, state = self.model.apply({"params": params}, jnp.zeros((batch_size, length), jnp.int32),
-                                    jnp.arange(length), ar_decode.causal_mask(length),
-                                    method=MaskGITTransformer.at_positions, mutable=["cache"])
-        return jax.tree.map(jnp.zeros_like, state["cache"])
+    def decode_mask(self) -> jax.Array:
+        return ar_decode.causal_mask(self.num_tokens + 1)
 
     def sample(self, params: Any, labels: jax.Array, rng: jax.Array, *, cached: bool = True,
                temperature: Optional[float] = None, top_k: Optional[int] = None) -> jax.Array:
@@ -545,35 +583,13 @@ class AutoregressiveTask(TokenGeneratorBase):
                 return self.model.apply({"params": params}, sequence[:, 1:], labels,
                                         mask=ar_decode.causal_mask(length), all_positions=True)
             return ar_decode.uncached_decode(prefix, rng, forward, length, temperature=temperature, top_k=top_k)
-
-        def step_fn(cache, ids, positions, mask):
-            logits, state = self.model.apply({"params": params, "cache": cache}, ids, positions, mask,
-                                             method=MaskGITTransformer.at_positions, mutable=["cache"])
-            return logits, state["cache"]
-        return ar_decode.decode_cached(prefix, rng, step_fn, self.empty_cache(params, labels.shape[0]), length,
-                                       temperature=temperature, top_k=top_k)
-
-    def generate_images(self, params: Any, labels: jax.Array, rng: jax.Array, **sampling) -> jax.Array:
-        """Images [B, H, W, C] sampled for class `labels` int32 [B]."""
-        return self.detokenize(self.sample(params, labels, rng, **sampling))
-
-    @staticmethod
-    def sampling_overrides(options: ml_collections.ConfigDict) -> dict:
-        """The sample_quality options that apply here: none (decode steps, guidance and choice temperature are
-        MaskGIT's); ValueErrors when one is set."""
-        for key, unset in (("decode_steps", 0), ("guidance_scale", -1.0), ("choice_temperature", -1.0)):
-            if options[key] != unset:
-                raise ValueError(f"config.evals.<sample_quality>.{key}={options[key]!r}: the autoregressive task "
-                                 f"has no such setting (leave it at {unset})")
-        return {}
-
-    def predict(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
-        """Class-conditional samples for the batch's labels, as images."""
-        return {"samples": self.generate_images(params, self._labels(batch), jax.random.key(0))}
+        return ar_decode.decode_cached(prefix, rng, self.cached_step_fn(params),
+                                       self.empty_cache(params, labels.shape[0]), length, temperature=temperature,
+                                       top_k=top_k)
 
 
 @register_task
-class M2TTask(TokenGeneratorBase):
+class M2TTask(CachedTokenGenerator):
     """M2T (Mentzer et al. 2023): MaskGIT with a fixed, data-independent decoding order (token groups of a quasi-random
     Halton order, sized by the schedule), trained with masked inputs *and* an attention mask in which a token sees
     only the class token and tokens of earlier groups, so decoding can cache the keys and values of decoded groups
@@ -673,12 +689,8 @@ class M2TTask(TokenGeneratorBase):
         nats = float(sums["cross_entropy"]) / max(float(sums["tokens"]), 1.0)
         return {"loss": nats, "bits_per_token": nats / float(np.log(2.0))}
 
-    def empty_cache(self, params: Any, batch_size: int) -> Any:
-        length = self.num_tokens + 1
-        _, state = self.model.apply({"params": params}, jnp.zeros((batch_size, length), jnp.int32),
-                                    jnp.arange(length), self._routing(),
-                                    method=MaskGITTransformer.at_positions, mutable=["cache"])
-        return jax.tree.map(jnp.zeros_like, state["cache"])
+    def decode_mask(self) -> jax.Array:
+        return self._routing()
 
     def sample(self, params: Any, labels: jax.Array, rng: jax.Array, *, cached: bool = True,
                temperature: Optional[float] = None) -> jax.Array:
@@ -692,27 +704,9 @@ class M2TTask(TokenGeneratorBase):
                 return jnp.concatenate([jnp.zeros_like(logits[:, :1]), logits], axis=1)  # position 0: no logits
             return m2t_decode.decode_uncached(prefix, rng, forward, self.groups, mask_id=self.mask_id,
                                               temperature=temperature)
-
-        def step_fn(cache, ids, positions, mask):
-            logits, state = self.model.apply({"params": params, "cache": cache}, ids, positions, mask,
-                                             method=MaskGITTransformer.at_positions, mutable=["cache"])
-            return logits, state["cache"]
-        return m2t_decode.decode_cached(prefix, rng, step_fn, self.empty_cache(params, labels.shape[0]), self.groups,
-                                        mask_id=self.mask_id, temperature=temperature)
-
-    def generate_images(self, params: Any, labels: jax.Array, rng: jax.Array, **sampling) -> jax.Array:
-        return self.detokenize(self.sample(params, labels, rng, **sampling))
-
-    @staticmethod
-    def sampling_overrides(options: ml_collections.ConfigDict) -> dict:
-        for key, unset in (("decode_steps", 0), ("guidance_scale", -1.0), ("choice_temperature", -1.0)):
-            if options[key] != unset:
-                raise ValueError(f"config.evals.<sample_quality>.{key}={options[key]!r}: the m2t task decodes its "
-                                 f"fixed schedule (config.m2t); leave it at {unset}")
-        return {}
-
-    def predict(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
-        return {"samples": self.generate_images(params, self._labels(batch), jax.random.key(0))}
+        return m2t_decode.decode_cached(prefix, rng, self.cached_step_fn(params),
+                                        self.empty_cache(params, labels.shape[0]), self.groups, mask_id=self.mask_id,
+                                        temperature=temperature)
 
     def _drop_labels(self, labels: jax.Array, key: jax.Array, train: bool) -> jax.Array:
         return labels
