@@ -1,8 +1,9 @@
-"""MaskGIT's ablations on CPU, on the built-in shapes: decoding steps, mask schedules, choice temperature,
-classifier-free guidance, FSQ vs VQ codebook usage, MaskGIT vs its autoregressive baseline, and M2T's cached
-decoding.
+"""MaskGIT's ablations on CPU, on the built-in shapes and Fashion-MNIST: decoding steps, mask schedules, choice
+temperature, classifier-free guidance, FSQ vs VQ codebook usage, MaskGIT vs its autoregressive baseline, and M2T's
+cached decoding.
 
     python experiments/maskgit/reproduce.py                      # trains what is missing, then every study
+    python experiments/maskgit/reproduce.py --dataset fashion_mnist   # the same on Fashion-MNIST (FSQ tokenizer only)
     python experiments/maskgit/reproduce.py --samples 500 --workdirs /tmp/mg --results-name maskgit_builtin_500
 
 Runs (each `python -m maskjax.main`, resumable; see experiments/sweep.py), in `--workdirs`:
@@ -22,6 +23,9 @@ Studies (samples: `--samples` class-balanced, compared with as many validation i
   ar          MaskGIT-8 vs AR (cached): sample metrics; decode wall-clock at batch 1 and 64
   m2t         bits per token of M2T (its Halton schedule), MaskGIT (confidence order) and AR (raster); M2T cached vs
               uncached decoding wall-clock at batch 1 and 64
+Fashion-MNIST (`--dataset fashion_mnist`, workdirs `workdirs/maskgit_repro_fmnist`, results `maskgit_fashion_mnist`):
+the *_fashion_mnist configs (the AR and M2T runs: the built-in configs on Fashion-MNIST's data), 28x28 grey images,
+7x7 = 49 tokens, compared with the test split; the VQ tokenizers are trained on the built-in shapes only.
 Writes experiments/results/<results-name>.{md,json}.
 """
 
@@ -42,25 +46,38 @@ sys.path.insert(0, os.path.dirname(HERE))
 import sweep  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
+FMNIST_DATA = {"data.name": "fashion_mnist", "data.image_size": 28, "data.eval_split": "test"}
+DATASETS = {
+    "builtin_shapes": dict(title="the built-in shapes", image_size=32, eval_split="validation",
+                           workdirs="maskgit_repro", results="maskgit_builtin", classifier="configs/vit_builtin.py",
+                           tokenizer="configs/tokenizer_builtin.py", maskgit="configs/maskgit_builtin.py",
+                           generator_data={}, vq_tokenizers=True),
+    "fashion_mnist": dict(title="Fashion-MNIST", image_size=28, eval_split="test", workdirs="maskgit_repro_fmnist",
+                          results="maskgit_fashion_mnist", classifier="configs/vit_fashion_mnist.py",
+                          tokenizer="configs/tokenizer_fashion_mnist.py", maskgit="configs/maskgit_fashion_mnist.py",
+                          generator_data=FMNIST_DATA, vq_tokenizers=False),
+}
 STEPS_SWEEP = (1, 2, 4, 8, 12, 16, 32)
 SCHEDULES = ("cosine", "square", "linear", "log", "exp")
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 
-def train_all(workdirs: str, steps: dict, extra: dict) -> dict:
+def train_all(workdirs: str, steps: dict, extra: dict, dataset: dict) -> dict:
     """Trains (or finds) every run; returns {run: (workdir, records, seconds)}."""
     tok = os.path.join(workdirs, "tokenizer_fsq")
+    d = dataset
     plan = [
-        ("classifier", "configs/vit_builtin.py", {}, steps["classifier"]),
-        ("tokenizer_fsq", "configs/tokenizer_builtin.py", {}, steps["tokenizer"]),
-        ("maskgit", "configs/maskgit_builtin.py", {"maskgit.tokenizer_workdir": tok}, steps["generator"]),
-        ("autoregressive", "configs/autoregressive_builtin.py", {"autoregressive.tokenizer_workdir": tok},
-         steps["generator"]),
-        ("m2t", "configs/m2t_builtin.py", {"m2t.tokenizer_workdir": tok}, steps["generator"]),
-        ("tokenizer_vq", "configs/tokenizer_builtin.py:quantizer=vq", {}, steps["tokenizer"]),
-        ("tokenizer_vq_pull", "configs/tokenizer_builtin.py:quantizer=vq", {"model.dead_code_weight": 1.0},
-         steps["tokenizer"]),
+        ("classifier", d["classifier"], {}, steps["classifier"]),
+        ("tokenizer_fsq", d["tokenizer"], {}, steps["tokenizer"]),
+        ("maskgit", d["maskgit"], {"maskgit.tokenizer_workdir": tok}, steps["generator"]),
+        ("autoregressive", "configs/autoregressive_builtin.py",
+         {"autoregressive.tokenizer_workdir": tok, **d["generator_data"]}, steps["generator"]),
+        ("m2t", "configs/m2t_builtin.py", {"m2t.tokenizer_workdir": tok, **d["generator_data"]}, steps["generator"]),
     ]
+    if d["vq_tokenizers"]:
+        plan += [("tokenizer_vq", d["tokenizer"] + ":quantizer=vq", {}, steps["tokenizer"]),
+                 ("tokenizer_vq_pull", d["tokenizer"] + ":quantizer=vq", {"model.dead_code_weight": 1.0},
+                  steps["tokenizer"])]
     runs = {}
     for name, config, overrides, total in plan:
         workdir = os.path.join(workdirs, name)
@@ -71,9 +88,9 @@ def train_all(workdirs: str, steps: dict, extra: dict) -> dict:
 
 
 class Scorer:
-    """Sample metrics in the classifier's features against `count` validation images of the built-in shapes."""
+    """Sample metrics in the classifier's features against `count` images of the data set's evaluation split."""
 
-    def __init__(self, classifier_workdir: str, count: int, seed: int = 0):
+    def __init__(self, classifier_workdir: str, count: int, seed: int = 0, dataset: str = "builtin_shapes"):
         import jax
         import numpy as np
 
@@ -81,12 +98,13 @@ class Scorer:
         from maskjax.tasks.sample_quality import load_classifier
         from maskjax.train.checkpoint import load_params
 
-        self.model, self.params, self.num_classes = load_classifier(classifier_workdir, -1, load_params, 32,
+        size, split = DATASETS[dataset]["image_size"], DATASETS[dataset]["eval_split"]
+        self.model, self.params, self.num_classes = load_classifier(classifier_workdir, -1, load_params, size,
                                                                     "classifier")
         self._apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False))
-        source = pipeline.make_source("builtin_shapes", "validation", seed=0, image_size=32)
+        source = pipeline.make_source(dataset, split, seed=0, image_size=size)
         features = []
-        for batch in pipeline.eval_batches(source, global_batch_size=250, image_size=32, num_examples=count,
+        for batch in pipeline.eval_batches(source, global_batch_size=250, image_size=size, num_examples=count,
                                            num_threads=0, prefetch=1):
             features.append(self.features(batch["image"])[0][np.asarray(batch["valid"])])
         self.real = np.concatenate(features)[:count]
@@ -168,27 +186,32 @@ def final_eval(records: list) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdirs", default=os.path.join(ROOT, "workdirs", "maskgit_repro"))
+    p.add_argument("--dataset", default="builtin_shapes", choices=sorted(DATASETS))
+    p.add_argument("--workdirs", default="", help="default: workdirs/maskgit_repro (built-in), "
+                   "workdirs/maskgit_repro_fmnist (Fashion-MNIST)")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--tokenizer-steps", type=int, default=2000)
     p.add_argument("--generator-steps", type=int, default=2000)
     p.add_argument("--classifier-steps", type=int, default=300)
-    p.add_argument("--results-name", default="maskgit_builtin")
+    p.add_argument("--results-name", default="", help="default: maskgit_builtin / maskgit_fashion_mnist")
     p.add_argument("--smoke", action="store_true", help="check the script end to end: 20-step runs, 40 samples")
     args = p.parse_args()
+    dataset = DATASETS[args.dataset]
+    args.workdirs = args.workdirs or os.path.join(ROOT, "workdirs", dataset["workdirs"])
+    args.results_name = args.results_name or dataset["results"]
     extra = {}
     if args.smoke:
         args.samples, args.batch, args.tokenizer_steps, args.generator_steps, args.classifier_steps = 40, 20, 20, 20, 20
         extra = {"optimizer.warmup_steps": 2, "checkpoint_every": 20}
     start = time.time()
     runs = train_all(args.workdirs, {"classifier": args.classifier_steps, "tokenizer": args.tokenizer_steps,
-                                     "generator": args.generator_steps}, extra)
-    scorer = Scorer(runs["classifier"][0], args.samples)
+                                     "generator": args.generator_steps}, extra, dataset)
+    scorer = Scorer(runs["classifier"][0], args.samples, dataset=args.dataset)
     maskgit, mg_params = load_task(runs["maskgit"][0])
     ar, ar_params = load_task(runs["autoregressive"][0])
     m2t, m2t_params = load_task(runs["m2t"][0])
-    real_check = scorer.score(*_real_images(args.samples))  # real vs real: the floor of every metric
+    real_check = scorer.score(*_real_images(args.samples, args.dataset))  # real vs real: the floor of every metric
     n = args.samples
 
     def mg(**sampling):
@@ -222,17 +245,18 @@ def main() -> None:
                "train_seconds": {name: runs[name][2] for name in runs}, "minutes": (time.time() - start) / 60}
     command = "python experiments/maskgit/reproduce.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if v != p.get_default(k) and k not in ("workdirs", "smoke"))
+        if v != p.get_default(k) and k not in ("workdirs", "smoke", "results_name"))
     write(results, command, args)
 
 
-def _real_images(count: int):
+def _real_images(count: int, dataset: str = "builtin_shapes"):
     import numpy as np
 
     from maskjax.data import pipeline
-    source = pipeline.make_source("builtin_shapes", "train", seed=0, image_size=32)
+    size = DATASETS[dataset]["image_size"]
+    source = pipeline.make_source(dataset, "train", seed=0, image_size=size)
     images, labels = [], []
-    for batch in pipeline.eval_batches(source, global_batch_size=250, image_size=32, num_examples=count,
+    for batch in pipeline.eval_batches(source, global_batch_size=250, image_size=size, num_examples=count,
                                        num_threads=0, prefetch=1):
         images.append(np.asarray(batch["image"])[np.asarray(batch["valid"])])
         labels.append(np.asarray(batch["label"])[np.asarray(batch["valid"])])
@@ -250,14 +274,15 @@ def write(results: dict, command: str, args) -> None:
     header = ["| setting | Fréchet distance | KID | precision | recall | class accuracy % |",
               "|---|---|---|---|---|---|"]
     s, ev = results["studies"], results["evals"]
-    lines = ["# MaskGIT on the built-in shapes: ablations, tokenizers, AR and M2T", "", f"`{command}`", "",
+    d = DATASETS[args.dataset]
+    lines = [f"# MaskGIT on {d['title']}: ablations, tokenizers, AR and M2T", "", f"`{command}`", "",
              f"Date: {datetime.date.today()}. maskjax commit `{commit}`. {args.samples} class-balanced samples per "
-             f"setting vs {args.samples} validation images, in the features of the classifier run (configs/"
-             f"vit_builtin.py, {args.classifier_steps} steps; its validation accuracy "
+             f"setting vs {args.samples} images of the {d['eval_split']} split, in the features of the classifier "
+             f"run ({d['classifier']}, {args.classifier_steps} steps; its {d['eval_split']} accuracy "
              f"{100 * ev['classifier'].get('eval/accuracy', float('nan')):.1f} %). Generators: "
              f"{args.generator_steps} steps each; tokenizers {args.tokenizer_steps} steps. Total "
              f"{results['minutes']:.0f} minutes on this 2-core CPU (training included where it ran).", "",
-             "Floor: real training images vs the validation images, same counts:", "", *header,
+             f"Floor: real training images vs the {d['eval_split']} images, same counts:", "", *header,
              _row("real (train split)", results["real_vs_real"]), "",
              "## Decoding steps (cosine schedule, choice temperature 4.5)", "", *header,
              *[_row(f"{t} steps", m) for t, m in s["steps"].items()], "",
@@ -265,15 +290,15 @@ def write(results: dict, command: str, args) -> None:
              "## Choice temperature (8 steps, cosine)", "", *header, *[_row(k, m) for k, m in s["temperature"].items()],
              "", "## Classifier-free guidance (8 steps, cosine; w constant)", "", *header,
              *[_row(f"w = {k}", m) for k, m in s["guidance"].items()], "",
-             "## Tokenizers (validation split)", "",
+             f"## Tokenizers ({d['eval_split']} split)", "",
              "| tokenizer | codebook usage | perplexity | PSNR dB |", "|---|---|---|---|"]
-    for name in ("tokenizer_fsq", "tokenizer_vq", "tokenizer_vq_pull"):
+    for name in [n for n in ("tokenizer_fsq", "tokenizer_vq", "tokenizer_vq_pull") if n in ev]:
         e = ev[name]
         lines.append(f"| {name} | {100 * e['eval/codebook_usage']:.1f} % | {e['eval/perplexity']:.0f} | "
                      f"{e['eval/psnr']:.2f} |")
     lines += ["", "## Generators at equal training compute", "", *header,
               *[_row(k, m) for k, m in s["generators"].items()], "",
-              "| generator | bits per token (validation) |", "|---|---|",
+              f"| generator | bits per token ({d['eval_split']}) |", "|---|---|",
               f"| autoregressive (raster order) | {ev['autoregressive']['eval/bits_per_token']:.3f} |",
               f"| M2T (Halton groups, masked attention) | {ev['m2t']['eval/bits_per_token']:.3f} |",
               f"| MaskGIT (confidence order) | {ev['maskgit']['eval/bits_per_token']:.3f} |", "",
