@@ -9,7 +9,8 @@ CONFIG ?= configs/mae_builtin.py
 
 .PHONY: run test install clean
 
-# PyTorch, timm and transformers are for the checkpoint-conversion tests (tests/convert). The CPU torch wheel
+# PyTorch, timm and transformers are for the checkpoint-conversion tests (tests/convert); pytorch-fid for the FID
+# Inception test. The CPU torch wheel
 # goes in first and pinned: an unpinned torch, asked for directly or by timm/torchvision, is the CUDA build
 # (GBs of nvidia-* wheels). timm and torchvision go in with --no-deps for the same reason (their light
 # dependencies are in the "test" extra); PyPI's torchvision is built against CUDA torch, so its compiled ops do
@@ -19,7 +20,7 @@ $(TEST_STAMP): setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_PIP_ARGS) "torch==2.13.0"
-	$(VENV)/bin/python -m pip install --quiet --no-deps "torchvision==0.28.0" "timm==1.0.29"
+	$(VENV)/bin/python -m pip install --quiet --no-deps "torchvision==0.28.0" "timm==1.0.29" "pytorch-fid==0.3.0"
 	$(VENV)/bin/python -m pip install --quiet -e ".[test,notebooks]"
 	touch $(STAMP) $(TEST_STAMP)
 

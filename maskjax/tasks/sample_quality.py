@@ -66,6 +66,9 @@ class SampleQualityEvaluator(Evaluator):
         o.kid_subset_size = 1000  # KID: rows per subset (capped by the sample counts).
         o.knn_k = 3  # Precision / recall: k of the k-NN radii.
         o.grid_per_class = 4  # Samples per class in the grid image (0 = no image).
+        # Optional Inception FID: the pytorch-fid weights file (pt_inception-2015-12-05-6726825d.pth, or the same
+        # state dict as .safetensors) the user supplies; '' = off (maskjax downloads nothing).
+        o.inception_weights = ""
         return o
 
     @classmethod
@@ -102,6 +105,19 @@ class SampleQualityEvaluator(Evaluator):
                              f"classifier has {classes} classes, the generator {task_classes}")
         self.num_classes = classes
         self.sampling = ctx.task.sampling_overrides(self.opts)
+        self.inception = None
+        if self.opts.inception_weights:
+            from maskjax.evaluate.inception import load_fid_inception
+            try:
+                self.inception = jax.tree.map(jnp.asarray, load_fid_inception(self.opts.inception_weights))
+            except ValueError as error:
+                raise ValueError(f"config.evals.{self.name}.inception_weights: {error}") from None
+
+    def _inception(self, images: np.ndarray) -> np.ndarray:
+        from maskjax.evaluate.inception import fid_inception_features
+        if not hasattr(self, "_inception_fn"):
+            self._inception_fn = jax.jit(fid_inception_features)
+        return np.asarray(self._inception_fn(self.inception, jnp.asarray(images)), np.float64)
 
     def _classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not hasattr(self, "_classify_fn"):
@@ -119,12 +135,14 @@ class SampleQualityEvaluator(Evaluator):
             return EvalResult()
         source = ctx.source(o.split)
         real_count = len(source) if int(o.real_examples) < 0 else int(o.real_examples)
-        real_features = []
+        real_features, real_inception = [], []
         for batch in pipeline.eval_batches(source, global_batch_size=int(o.batch_size),
                                            image_size=ctx.config.data.image_size, num_examples=real_count,
                                            num_threads=ctx.config.data.num_threads, prefetch=ctx.config.data.prefetch):
             features, _ = self._classify(batch["image"])
             real_features.append(features[np.asarray(batch["valid"])])
+            if self.inception is not None:
+                real_inception.append(self._inception(batch["image"])[np.asarray(batch["valid"])])
         real = np.concatenate(real_features)[:real_count]
 
         if not hasattr(self, "_generate"):
@@ -132,7 +150,7 @@ class SampleQualityEvaluator(Evaluator):
         total, size = int(o.num_samples), int(o.batch_size)
         labels = np.arange(total) % self.num_classes
         key = jax.random.fold_in(jax.random.key(ctx.config.seed), step)
-        fake, correct, grid_images = [], [], []
+        fake, correct, grid_images, fake_inception = [], [], [], []
         for start in range(0, total, size):
             chunk = labels[start:start + size]
             padded = np.concatenate([chunk, np.zeros(size - len(chunk), chunk.dtype)])
@@ -141,6 +159,8 @@ class SampleQualityEvaluator(Evaluator):
             features, logits = self._classify(images)
             fake.append(features)
             correct.append(logits.argmax(-1) == chunk)
+            if self.inception is not None:
+                fake_inception.append(self._inception(images))
             grid_images.append(images)
         fake = np.concatenate(fake)
         mu_r, sigma_r = generative.gaussian_stats(real)
@@ -153,6 +173,10 @@ class SampleQualityEvaluator(Evaluator):
                    "kid_std": kid_std, "precision": precision, "recall": recall,
                    "class_accuracy": float(np.mean(np.concatenate(correct))), "num_samples": float(total),
                    "num_real": float(len(real))}
+        if self.inception is not None:
+            real_i, fake_i = np.concatenate(real_inception)[:real_count], np.concatenate(fake_inception)
+            scalars["inception_fid"] = generative.frechet_distance(*generative.gaussian_stats(real_i),
+                                                                   *generative.gaussian_stats(fake_i))
         images = {}
         per_class = min(int(o.grid_per_class), total // self.num_classes)
         if per_class:

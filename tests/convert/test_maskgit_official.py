@@ -13,10 +13,9 @@ from maskjax.convert.maskgit_official import (IMAGENET_TOKENIZER, official_seque
 from maskjax.models.maskgit import MaskGITTransformer
 from maskjax.models.tokenizer import Tokenizer
 
-maskgit_transformer = pytest.importorskip("maskgit.nets.maskgit_transformer")
-vqgan_tokenizer = pytest.importorskip("maskgit.nets.vqgan_tokenizer")
-vqgan_config = pytest.importorskip("maskgit.configs.vqgan_config")
-mask_schedule = pytest.importorskip("maskgit.libml.mask_schedule")
+from maskgit.configs import vqgan_config  # noqa: E402  (PyPI maskgit, a test dependency)
+from maskgit.libml import mask_schedule  # noqa: E402
+from maskgit.nets import maskgit_transformer, vqgan_tokenizer  # noqa: E402
 
 K, C = 24, 5
 

@@ -266,18 +266,33 @@ def classifier_run(tmp_path_factory):
     return workdir
 
 
+def _random_fid_inception_file(path):
+    """A pytorch-fid-format weights file (torchvision layer names) with random weights."""
+    from maskjax.convert._torch_compat import import_torch
+    torch = import_torch()
+    import torchvision
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return str(path)
+
+
 def test_sample_quality_evaluator_scores_samples_in_classifier_features(tokenizer_run, classifier_run, tmp_path):
+    overrides = dict(evals__eval__every=-1, evals__samples__every=-1, evals__quality__every=0,
+                     evals__quality__classifier_workdir=classifier_run, evals__quality__num_samples=30,
+                     evals__quality__real_examples=40, evals__quality__batch_size=16,
+                     evals__quality__kid_subset_size=20, evals__quality__grid_per_class=2,
+                     evals__quality__decode_steps=2)
     c = maskgit_config(tokenizer_run[0], total_steps=2, checkpoint_every=2, optimizer__warmup_steps=1,
-                       evals__eval__every=-1,
-                       evals__samples__every=-1, evals__quality__every=0,
-                       evals__quality__classifier_workdir=classifier_run, evals__quality__num_samples=30,
-                       evals__quality__real_examples=40, evals__quality__batch_size=16,
-                       evals__quality__kid_subset_size=20, evals__quality__grid_per_class=2,
-                       evals__quality__decode_steps=2)
+                       evals__quality__inception_weights=str(tmp_path / "missing.pth"), **overrides)
+    with pytest.raises(ValueError, match="config.evals.quality.inception_weights: .*missing.pth.* does not exist"):
+        Trainer(c, str(tmp_path / "bad"))
+    c.evals.quality.inception_weights = _random_fid_inception_file(tmp_path / "inception.safetensors")
     result = Trainer(c, str(tmp_path)).run()
     import json
     final = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
-    for name in ("frechet_distance", "kid", "precision", "recall", "class_accuracy"):
+    for name in ("frechet_distance", "kid", "precision", "recall", "class_accuracy", "inception_fid"):
         assert np.isfinite(final[f"quality/{name}"]), name
     assert final["quality/num_samples"] == 30 and final["quality/num_real"] == 40
     assert 0 <= final["quality/precision"] <= 1 and final["quality/frechet_distance"] > 0
