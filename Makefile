@@ -9,10 +9,10 @@ CONFIG ?= configs/mae_builtin.py
 
 .PHONY: run test install clean
 
-# PyTorch, timm and transformers are for the checkpoint-conversion tests (tests/convert); pytorch-fid for the FID
-# Inception test. The CPU torch wheel
-# goes in first and pinned: an unpinned torch, asked for directly or by timm/torchvision, is the CUDA build
-# (GBs of nvidia-* wheels). timm and torchvision go in with --no-deps for the same reason (their light
+# PyTorch, timm and transformers are for the checkpoint-conversion tests (tests/convert), pytorch-fid for the FID
+# Inception test. The CPU torch wheel goes in first and pinned: an unpinned torch, asked for directly or by
+# timm/torchvision/pytorch-fid, is the CUDA build (GBs of nvidia-* wheels). timm, torchvision and pytorch-fid go in
+# with --no-deps for the same reason (their light
 # dependencies are in the "test" extra); PyPI's torchvision is built against CUDA torch, so its compiled ops do
 # not load and maskjax/convert/_torch_compat.py declares the op schema its import needs. On machines without
 # the local CPU wheel: make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
