@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maskjax.decode import Guidance, check_decode_args, decode, structure_penalty
+from maskjax.decode import Guidance, check_decode_args, decode, structure_guided_decode
 from maskjax.decode import autoregressive as ar_decode
 from maskjax.decode import m2t as m2t_decode
 from maskjax.evaluate.metrics import softmax_cross_entropy
@@ -354,12 +354,16 @@ class MaskGITTask(TokenGeneratorBase):
         """(final token ids int32 [B, N], every step's ids [T, B, N]) for class `labels` int32 [B] (the null class
         for unconditional samples), decoding from `tokens` (default: all masked). Unset options come from
         `config.maskgit`. `structure_guide`: token ids [B or 1, N] of a guide image whose layout the samples
-        follow (MaskSketch: block `structure_layer`'s attention maps, weighted by `structure_weight`)."""
+        follow (MaskSketch, `maskjax.decode.structure_guided_decode`: sampling starts from the guide's tokens and
+        re-masks those whose block-`structure_layer` attention maps differ from the guide's, weighted by
+        `structure_weight`)."""
         c = self.config.maskgit
         num_steps = c.decode_steps if num_steps is None else num_steps
         schedule = c.schedule if schedule is None else schedule
         choice_temperature = c.choice_temperature if choice_temperature is None else choice_temperature
         guidance_scale = c.guidance_scale if guidance_scale is None else guidance_scale
+        if structure_guide is not None and tokens is not None:
+            raise ValueError("structure_guide: sampling starts from the guide's tokens; do not pass `tokens`")
         if tokens is None:
             tokens = jnp.full((labels.shape[0], self.num_tokens), self.mask_id, jnp.int32)
         check_decode_args(tuple(tokens.shape), num_steps, schedule, 0, None, temperature, top_k, self.mask_id)
@@ -375,21 +379,28 @@ class MaskGITTask(TokenGeneratorBase):
         if guidance_scale > 0:
             null = jnp.full_like(labels, self.model.null_class)
             guidance = Guidance(guidance_scale, lambda current: logits_fn(current, null), guidance_ramp)
-        penalty = None
-        if structure_guide is not None:
-            guide = jnp.asarray(structure_guide, jnp.int32)
-            if guide.ndim != 2 or guide.shape[1] != self.num_tokens or guide.shape[0] not in (1, labels.shape[0]):
-                raise ValueError(f"structure_guide: expected token ids [1 or {labels.shape[0]}, {self.num_tokens}], "
-                                 f"got shape {tuple(guide.shape)}")
-            if not isinstance(guide, jax.core.Tracer):
-                check_tokens(guide, self.mask_id, allow_mask=False, name="structure_guide")
-            guide_labels = labels[:guide.shape[0]]
-            guide_maps = self.attention_maps(params, guide, guide_labels, structure_layer)
-            penalty = structure_penalty(lambda t: self.attention_maps(params, t, labels, structure_layer),
-                                        guide_maps, structure_weight)
-        return decode(tokens, rng, logits_fn, num_steps, schedule, mask_id=self.mask_id,
-                      choice_temperature=choice_temperature, guidance=guidance, temperature=temperature, top_k=top_k,
-                      penalty_fn=penalty)
+        if structure_guide is None:
+            return decode(tokens, rng, logits_fn, num_steps, schedule, mask_id=self.mask_id,
+                          choice_temperature=choice_temperature, guidance=guidance, temperature=temperature,
+                          top_k=top_k)
+        guide = jnp.asarray(structure_guide, jnp.int32)
+        if guide.ndim != 2 or guide.shape[1] != self.num_tokens or guide.shape[0] not in (1, labels.shape[0]):
+            raise ValueError(f"structure_guide: expected token ids [1 or {labels.shape[0]}, {self.num_tokens}], "
+                             f"got shape {tuple(guide.shape)}")
+        if not isinstance(guide, jax.core.Tracer):
+            check_tokens(guide, self.mask_id, allow_mask=False, name="structure_guide")
+        if top_k or guidance_ramp != "constant":
+            raise ValueError("structure_guide: top_k and a guidance ramp are not supported with structure guidance")
+
+        def guided_logits(current):
+            if guidance is None:
+                return logits_fn(current)
+            return (1.0 + guidance_scale) * logits_fn(current) - guidance_scale * guidance.uncond_logits_fn(current)
+        guide_maps = self.attention_maps(params, guide, labels[:guide.shape[0]], structure_layer)
+        return structure_guided_decode(
+            guide, rng, guided_logits, lambda t: self.attention_maps(params, t, labels, structure_layer),
+            guide_maps, num_steps, schedule, mask_id=self.mask_id, structure_weight=structure_weight,
+            choice_temperature=choice_temperature, temperature=temperature, batch_size=labels.shape[0])
 
     def inpaint(self, params: Any, tokens: jax.Array, region: jax.Array, labels: jax.Array, rng: jax.Array,
                 **sampling) -> jax.Array:

@@ -181,3 +181,42 @@ def test_a_dominant_penalty_decides_which_tokens_are_kept():
                         mask_id=V, penalty_fn=penalty)
     first = np.asarray(history[0]) != V
     assert first.any() and not first[:, ~allowed].any()
+
+
+def test_structure_guided_decode_revises_tokens_whose_structure_differs():
+    """A toy structure: token i's attention row points at itself when it equals the guide's token, elsewhere when
+    not, so its structure distance is 0 or 1. The model samples either code with probability 1/2; re-masking by
+    structure distance must end with far fewer tokens off the guide than re-masking by confidence alone."""
+    import math
+
+    from maskjax.decode import structure_guided_decode
+    from maskjax.decode.masksketch import remask_counts
+    n, steps = 64, 8
+    guide = jnp.asarray(np.random.default_rng(0).integers(0, 2, (1, n)), jnp.int32)
+    eye = jnp.eye(n)
+
+    def attention_fn(tokens):
+        return jnp.where((tokens == guide)[..., None], eye[None], jnp.roll(eye, 1, axis=1)[None])
+
+    def logits_fn(tokens):
+        return jnp.zeros(tokens.shape + (3,))  # codes 0, 1 (and the mask id 2, never sampled)
+
+    counts = remask_counts("cosine", n, steps)
+    assert counts == [max(1, math.floor(n * math.cos(math.pi / 2 * (t + 1) / (steps + 1)) + 1e-4))
+                      for t in range(steps)]
+    off_guide = {}
+    for weight in (0.0, 100.0):
+        final, history = structure_guided_decode(guide, jax.random.key(1), logits_fn, attention_fn,
+                                                 attention_fn(guide), steps, "cosine", mask_id=2,
+                                                 structure_weight=weight, choice_temperature=0.0, batch_size=16)
+        history = np.asarray(history)
+        assert history.shape == (steps, 16, n) and (history < 2).all()
+        previous = np.broadcast_to(np.asarray(guide), (16, n))
+        for t in range(steps):  # each step changes at most the tokens it re-masked
+            assert ((history[t] != previous).sum(-1) <= counts[t]).all()
+            previous = history[t]
+        off_guide[weight] = float((np.asarray(final) != np.asarray(guide)).sum(-1).mean())
+    assert off_guide[100.0] < 0.5 * off_guide[0.0], off_guide
+    with pytest.raises(ValueError, match="num_steps=65"):
+        structure_guided_decode(guide, jax.random.key(1), logits_fn, attention_fn, attention_fn(guide), 65,
+                                mask_id=2)
