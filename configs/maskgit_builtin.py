@@ -15,13 +15,15 @@ import ml_collections
 from maskjax.train.config import base_config, parse_config_arg
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_config_arg(arg, ("runlocal", "steps", "tokenizer"), "configs/maskgit_builtin.py")
-    c = base_config("maskgit")
+def generator_config(task: str, arg: str | None, path: str) -> ml_collections.ConfigDict:
+    """The settings MaskGIT, its autoregressive baseline and M2T share on the built-in shapes (one transformer size,
+    batch and optimizer: equal training compute), for `task` ('maskgit', 'autoregressive' or 'm2t')."""
+    args = parse_config_arg(arg, ("runlocal", "steps", "tokenizer"), path)
+    c = base_config(task)
     c.data.name = "builtin_shapes"
     c.data.image_size = 32
     c.data.augment = False
-    c.maskgit.tokenizer_workdir = args.get("tokenizer", "workdirs/tokenizer_builtin")
+    c[task].tokenizer_workdir = args.get("tokenizer", "workdirs/tokenizer_builtin")
     c.model.num_classes = 10
     # Width 128 (MaskGIT: 768): a step of batch 64 over 65 tokens then takes a fraction of a second here.
     c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 128, 4, 4, 512
@@ -35,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evals.eval.examples = 1000
     c.checkpoint_every = 500
     if args.get("runlocal"):
-        c.maskgit.tokenizer_workdir = args.get("tokenizer", "workdirs/tokenizer_runlocal")
+        c[task].tokenizer_workdir = args.get("tokenizer", "workdirs/tokenizer_runlocal")
         c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 32, 1, 2, 64
         c.total_steps = int(args.get("steps", 20))
         c.batch_size = 16
@@ -43,7 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.evals.eval.every = 10
         c.evals.eval.examples = 256
         c.evals.samples.count = 4
-        c.maskgit.decode_steps = 4
         c.checkpoint_every = 10
         c.log_every = 5
+        if task in ("maskgit", "m2t"):
+            c[task].decode_steps = 4
     return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return generator_config("maskgit", arg, "configs/maskgit_builtin.py")
