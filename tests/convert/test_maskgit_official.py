@@ -142,12 +142,10 @@ def test_schedules_match_the_official_mask_schedule(ours, official):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_written_runs_sample_with_the_maskjax_command(tmp_path):
-    """`write_runs` makes a tokenizer run and a MaskGIT run that `python -m maskjax.sample` reads; the sampled
-    tokens decode to the official decoder's images."""
+def test_written_runs_sample_through_the_maskjax_task(tmp_path):
+    """`write_runs` makes a tokenizer run and a MaskGIT run that maskjax's tasks read; the sampled tokens decode to
+    the official decoder's images."""
     import os
-    import subprocess
-    import sys
 
     from maskjax.convert.maskgit_official import write_runs
     codebook, classes, size = 16, 3, 8
@@ -168,12 +166,20 @@ def test_written_runs_sample_with_the_maskjax_command(tmp_path):
     with pytest.raises(ValueError, match="already holds checkpoints"):
         write_runs(str(tok_path), str(gen_path), str(tmp_path / "runs"), image_size=size, num_classes=classes,
                    tokenizer_architecture=dict(filters=32, channel_multipliers=(1, 2), num_res_blocks=2))
-    out = tmp_path / "samples"
-    subprocess.run([sys.executable, "-m", "maskjax.sample", f"--workdir={maskgit_dir}", "--num=3", "--class=2",
-                    "--steps=4", f"--out={out}/s"], check=True, capture_output=True, text=True,
-                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    saved = np.load(out / "s.npz")
-    tokens, images = saved["tokens"], saved["images"]
+    # As `python -m maskjax.sample` reads a run (the command itself: tests/tasks/test_maskgit.py).
+    import json
+
+    import ml_collections
+
+    from maskjax.tasks import make_task
+    from maskjax.train.checkpoint import load_params
+    with open(os.path.join(maskgit_dir, "config.json")) as f:
+        task = make_task(ml_collections.ConfigDict(json.load(f)), load_params=load_params)
+    params, step = load_params(maskgit_dir)
+    assert step == 0
+    tokens, _ = task.sample(jax.tree.map(jnp.asarray, params), jnp.asarray([2, 2, 2]), jax.random.key(0), num_steps=4)
+    images = np.asarray(task.detokenize(tokens))
+    tokens = np.asarray(tokens)
     assert tokens.shape == (3, grid * grid) and tokens.min() >= 0 and tokens.max() < codebook
     expected = tok_official.apply(tok_variables, jnp.asarray(tokens.reshape(3, grid, grid)),
                                   method=tok_official.decode_from_indices)

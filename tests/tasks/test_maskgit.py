@@ -278,7 +278,8 @@ def _random_fid_inception_file(path):
     return str(path)
 
 
-def test_sample_quality_evaluator_scores_samples_in_classifier_features(tokenizer_run, classifier_run, tmp_path):
+def test_sample_quality_evaluator_scores_samples_in_classifier_features(tokenizer_run, classifier_run, tmp_path,
+                                                                       monkeypatch):
     overrides = dict(evals__eval__every=-1, evals__samples__every=-1, evals__quality__every=0,
                      evals__quality__classifier_workdir=classifier_run, evals__quality__num_samples=30,
                      evals__quality__real_examples=40, evals__quality__batch_size=16,
@@ -289,6 +290,9 @@ def test_sample_quality_evaluator_scores_samples_in_classifier_features(tokenize
     with pytest.raises(ValueError, match="config.evals.quality.inception_weights: .*missing.pth.* does not exist"):
         Trainer(c, str(tmp_path / "bad"))
     c.evals.quality.inception_weights = _random_fid_inception_file(tmp_path / "inception.safetensors")
+    # The plumbing is under test here (the network against pytorch-fid: tests/evaluate/test_inception.py): the
+    # smallest input Inception v3 takes keeps it cheap.
+    monkeypatch.setattr("maskjax.evaluate.inception.INPUT_SIZE", 75)
     result = Trainer(c, str(tmp_path)).run()
     import json
     final = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
