@@ -10,7 +10,8 @@ Runs (each `python -m maskjax.main`, resumable; see experiments/sweep.py), in `-
   classifier        configs/vit_builtin.py: the supervised ViT whose pre-logits are the feature space of the
                     sample metrics (Fréchet distance, KID, precision/recall k=3, class accuracy)
   tokenizer_fsq     configs/tokenizer_builtin.py (FSQ 8,5,5,5 = 1000 codes); the generators' tokenizer
-  tokenizer_vq      the same with VQ (1000 codes), no restarts; tokenizer_vq_pull: with dead-code pull
+  tokenizer_vq      the same with VQ (1000 codes), no restarts; with --vq-restarts also tokenizer_vq_pull: VQ with
+                    the dead-code pull
   maskgit, autoregressive, m2t   configs/{maskgit,autoregressive,m2t}_builtin.py on tokenizer_fsq: one
                     transformer size, equal steps and batch (equal training compute: one forward/backward of the
                     65-token sequence per example and step)
@@ -63,7 +64,7 @@ SCHEDULES = ("cosine", "square", "linear", "log", "exp")
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 
-def train_all(workdirs: str, steps: dict, extra: dict, dataset: dict) -> dict:
+def train_all(workdirs: str, steps: dict, extra: dict, dataset: dict, with_restarts: bool = False) -> dict:
     """Trains (or finds) every run; returns {run: (workdir, records, seconds)}."""
     tok = os.path.join(workdirs, "tokenizer_fsq")
     d = dataset
@@ -78,8 +79,9 @@ def train_all(workdirs: str, steps: dict, extra: dict, dataset: dict) -> dict:
                  ("m2t", "configs/m2t_builtin.py", {"m2t.tokenizer_workdir": tok, **d["generator_data"]},
                   steps["generator"])]
     if d["vq_tokenizers"]:
-        plan += [("tokenizer_vq", d["tokenizer"] + ":quantizer=vq", {}, steps["tokenizer"]),
-                 ("tokenizer_vq_pull", d["tokenizer"] + ":quantizer=vq", {"model.dead_code_weight": 1.0},
+        plan += [("tokenizer_vq", d["tokenizer"] + ":quantizer=vq", {}, steps["tokenizer"])]
+    if d["vq_tokenizers"] and with_restarts:
+        plan += [("tokenizer_vq_pull", d["tokenizer"] + ":quantizer=vq", {"model.dead_code_weight": 1.0},
                   steps["tokenizer"])]
     runs = {}
     for name, config, overrides, total in plan:
@@ -198,6 +200,8 @@ def main() -> None:
     p.add_argument("--generator-steps", type=int, default=2000)
     p.add_argument("--classifier-steps", type=int, default=300)
     p.add_argument("--results-name", default="", help="default: maskgit_builtin / maskgit_fashion_mnist")
+    p.add_argument("--vq-restarts", action="store_true",
+                   help="also train the VQ tokenizer with dead-code pull (tokenizer_vq_pull; ~20 more minutes)")
     p.add_argument("--smoke", action="store_true", help="check the script end to end: 20-step runs, 40 samples")
     args = p.parse_args()
     dataset = DATASETS[args.dataset]
@@ -209,7 +213,7 @@ def main() -> None:
         extra = {"optimizer.warmup_steps": 2, "checkpoint_every": 20}
     start = time.time()
     runs = train_all(args.workdirs, {"classifier": args.classifier_steps, "tokenizer": args.tokenizer_steps,
-                                     "generator": args.generator_steps}, extra, dataset)
+                                     "generator": args.generator_steps}, extra, dataset, args.vq_restarts)
     scorer = Scorer(runs["classifier"][0], args.samples, dataset=args.dataset)
     maskgit, mg_params = load_task(runs["maskgit"][0])
     real_check = scorer.score(*_real_images(args.samples, args.dataset))  # real vs real: the floor of every metric
