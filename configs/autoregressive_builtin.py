@@ -2,6 +2,9 @@
 causal in raster order over the 8x8 token grids of the same frozen tokenizer, sampled token by token with a
 key/value cache.
 
+Runtime here: about 17.5 minutes for 2000 steps (experiments/results/maskgit_builtin_cost.md). Result
+(experiments/results/maskgit_builtin.md): Fréchet distance 9.7 in classifier features, 6.96 bits per token.
+
 Command (after the tokenizer of configs/maskgit_builtin.py):
   python -m maskjax.main --config=configs/autoregressive_builtin.py --workdir=workdirs/autoregressive_builtin \
       --config.autoregressive.tokenizer_workdir=workdirs/tokenizer_builtin

@@ -2,6 +2,11 @@
 grids of a frozen FSQ tokenizer (configs/tokenizer_builtin.py), cosine schedule, label smoothing 0.1, label dropout
 0.1 (the null class of classifier-free guidance); samples decoded in 8 steps.
 
+Runtime here: about 17.5 minutes for 2000 steps (experiments/results/maskgit_builtin_cost.md). Result
+(experiments/results/maskgit_builtin.md, `python experiments/maskgit/reproduce.py`): Fréchet distance 19.9 in the
+features of a configs/vit_builtin.py classifier at 8 decoding steps (7.1 at 4 steps, 8.9 with guidance w = 4; the
+real-vs-real floor is 0.81), 8.13 bits per token in its confidence order.
+
 Commands (the tokenizer first):
   python -m maskjax.main --config=configs/tokenizer_builtin.py --workdir=workdirs/tokenizer_builtin
   python -m maskjax.main --config=configs/maskgit_builtin.py --workdir=workdirs/maskgit_builtin \

@@ -1,6 +1,8 @@
 """MaskGIT of configs/maskgit_builtin.py on Fashion-MNIST: the class-conditional transformer over the 7x7 token grids
 of a frozen FSQ tokenizer (configs/tokenizer_fashion_mnist.py).
 
+Runtime and result here: not measured yet (`python experiments/maskgit/reproduce.py --dataset fashion_mnist`
+writes experiments/results/maskgit_fashion_mnist.md).
 Needs the data: `apt-get install dataset-fashion-mnist`, or TensorFlow + internet for TFDS `fashion_mnist`.
 Commands (the tokenizer first):
   python -m maskjax.main --config=configs/tokenizer_fashion_mnist.py --workdir=workdirs/tokenizer_fmnist

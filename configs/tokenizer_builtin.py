@@ -2,6 +2,10 @@
 8, 5, 5, 5), a small VQGAN-style convolutional autoencoder (f = 4), mean-squared-error loss only. The MaskGIT
 generator (configs/maskgit_builtin.py) reads its parameters.
 
+Runtime here: about 16 minutes for 2000 steps on the 2-core CPU (experiments/results/maskgit_builtin_cost.md).
+Result (experiments/results/maskgit_builtin.md, `python experiments/maskgit/reproduce.py`): on the validation split
+98.5 % of the 1000 codes used, perplexity 589, PSNR 20.4 dB; the same with `quantizer=vq` uses 8.7 % (19.1 dB).
+
 Command:
   python -m maskjax.main --config=configs/tokenizer_builtin.py --workdir=workdirs/tokenizer_builtin
 Smaller and faster (tests, notebooks): --config=configs/tokenizer_builtin.py:runlocal

@@ -1,6 +1,8 @@
 """The FSQ tokenizer of configs/tokenizer_builtin.py on Fashion-MNIST: 28x28 grey images -> 7x7 = 49 tokens of 1000
 codes (f = 4).
 
+Runtime and result here: not measured yet (`python experiments/maskgit/reproduce.py --dataset fashion_mnist`
+writes experiments/results/maskgit_fashion_mnist.md).
 Needs the data: `apt-get install dataset-fashion-mnist` (files in /usr/share/datasets/fashion-mnist/), or
 TensorFlow + internet for TFDS `fashion_mnist`.
 Command:
