@@ -12,20 +12,12 @@ Smaller and faster (tests): --config=configs/autoregressive_builtin.py:runlocal 
 Arguments (comma-separated key=value after ':'): runlocal, steps=<int>, tokenizer=<workdir>.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _maskgit_builtin():
-    spec = importlib.util.spec_from_file_location(
-        "maskgit_builtin", os.path.join(os.path.dirname(os.path.abspath(__file__)), "maskgit_builtin.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from maskjax.train.config import load_config_file
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The data, transformer, batch and optimizer of configs/maskgit_builtin.py: equal training compute.
-    return _maskgit_builtin().generator_config("autoregressive", arg, "configs/autoregressive_builtin.py")
+    shared = load_config_file("maskgit_builtin.py", next_to=__file__)
+    return shared.generator_config("autoregressive", arg, "configs/autoregressive_builtin.py")

@@ -12,22 +12,13 @@ Smaller and faster (tests): --config=configs/maskgit_fashion_mnist.py:runlocal (
 Arguments: as configs/maskgit_builtin.py (runlocal, steps=<int>, tokenizer=<workdir>).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _builtin():
-    spec = importlib.util.spec_from_file_location(
-        "maskgit_builtin", os.path.join(os.path.dirname(os.path.abspath(__file__)), "maskgit_builtin.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from maskjax.train.config import load_config_file
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = _builtin().get_config(arg)
+    c = load_config_file("maskgit_builtin.py", next_to=__file__).get_config(arg)
     c.data.name = "fashion_mnist"
     c.data.image_size = 28
     c.data.eval_split = "test"

@@ -9,27 +9,15 @@ Arguments (comma-separated key=value after ':'): runlocal, mask=window_2d|swin|d
 steps=<int>. Any other attention key: --config.model.attention.<key>=... (see maskjax/train/config.py).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-from maskjax.train.config import parse_config_arg
-
-
-def _vit_builtin():
-    """configs/vit_builtin.py, loaded by path (config files are not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "vit_builtin_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "vit_builtin.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from maskjax.train.config import load_config_file, parse_config_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_config_arg(arg, ("runlocal", "mask", "radius", "steps"), "configs/vit_local_window.py")
     base_arg = ",".join(f"{k}={v}" if v is not True else k for k, v in args.items() if k in ("runlocal", "steps"))
-    c = _vit_builtin().get_config(base_arg or None)
+    c = load_config_file("vit_builtin.py", next_to=__file__).get_config(base_arg or None)
     a = c.model.attention
     a.mask = args.get("mask", "window_2d")
     radius = int(args.get("radius", 2))

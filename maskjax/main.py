@@ -43,17 +43,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _config_without_overrides(argv: list[str]):
     """The config the --config file builds (its keys depend on its task and model), for naming a mistyped key."""
-    import importlib.util
-
     spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if spec_arg is None:
         from maskjax.train.config import base_config
         return base_config()
+    from maskjax.train.config import load_config_file
     path, _, arg = spec_arg.partition(":")
-    module_spec = importlib.util.spec_from_file_location("maskjax_config_file", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return load_config_file(path).get_config(arg or None)
 
 
 def main(argv: list[str]) -> None:

@@ -241,10 +241,8 @@ def write_runs(tokenizer_checkpoint: Source, transformer_checkpoint: Source, wor
     tok_params, tok_kwargs = official_tokenizer_to_maskjax(tokenizer_checkpoint, image_size=image_size,
                                                            **architecture)
     f = 2 ** (len(tok_kwargs["channel_multipliers"]) - 1)
-    flat = load_official_checkpoint(transformer_checkpoint)
-    codebook_size = tok_kwargs["codebook_size"]
-    gen_params, gen_kwargs = official_transformer_to_maskjax(flat, codebook_size=codebook_size,
-                                                             num_classes=num_classes)
+    gen_params, gen_kwargs = official_transformer_to_maskjax(
+        transformer_checkpoint, codebook_size=tok_kwargs["codebook_size"], num_classes=num_classes)
     if gen_kwargs["num_tokens"] != (image_size // f) ** 2:
         raise ValueError(f"write_runs: the transformer has {gen_kwargs['num_tokens']} image positions, the "
                          f"tokenizer makes {(image_size // f) ** 2} tokens of a {image_size}x{image_size} image")

@@ -295,6 +295,21 @@ def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int)
     return sizes
 
 
+def load_config_file(path: str, *, next_to: Optional[str] = None) -> Any:
+    """The module of a config file, loaded by path (config files are not a package). `next_to`: a file whose
+    directory `path` is relative to (a config file loading a sibling passes its `__file__`)."""
+    import importlib.util
+    import os
+
+    if next_to is not None:
+        path = os.path.join(os.path.dirname(os.path.abspath(next_to)), path)
+    name = "maskjax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def parse_config_arg(arg: Optional[str], allowed: Iterable[str], config_name: str) -> dict[str, Any]:
     """'runlocal,variant=S/4' -> {'runlocal': True, 'variant': 'S/4'}; unknown names are an error."""
     parsed: dict[str, Any] = {}
