@@ -10,7 +10,8 @@ CONFIG ?= configs/mae_builtin.py
 .PHONY: run test install clean
 
 # PyTorch, timm and transformers are for the checkpoint-conversion tests (tests/convert), pytorch-fid for the FID
-# Inception test. The CPU torch wheel goes in first and pinned: an unpinned torch, asked for directly or by
+# Inception test, panopticapi-lite (panopticapi's pq_compute; --no-deps: its metadata pins numpy<2, its code runs
+# on numpy 2) for the PQ test. The CPU torch wheel goes in first and pinned: an unpinned torch, asked for directly or by
 # timm/torchvision/pytorch-fid, is the CUDA build (GBs of nvidia-* wheels). timm, torchvision and pytorch-fid go in
 # with --no-deps for the same reason (their light
 # dependencies are in the "test" extra); PyPI's torchvision is built against CUDA torch, so its compiled ops do
@@ -20,7 +21,8 @@ $(TEST_STAMP): setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_PIP_ARGS) "torch==2.13.0"
-	$(VENV)/bin/python -m pip install --quiet --no-deps "torchvision==0.28.0" "timm==1.0.29" "pytorch-fid==0.3.0"
+	$(VENV)/bin/python -m pip install --quiet --no-deps "torchvision==0.28.0" "timm==1.0.29" "pytorch-fid==0.3.0" \
+		"panopticapi-lite==0.2.0"
 	$(VENV)/bin/python -m pip install --quiet -e ".[test,notebooks]"
 	touch $(STAMP) $(TEST_STAMP)
 

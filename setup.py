@@ -33,12 +33,16 @@ setuptools.setup(
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                  "transformers>=5.0", "safetensors>=0.4", "huggingface_hub>=0.20", "pyyaml>=6.0",
                  # The official MaskGIT code (no dependencies of its own): the reference of tests/convert.
-                 "maskgit>=0.0.1.dev0"],
+                 "maskgit>=0.0.1.dev0",
+                 # Mask AP (maskjax.evaluate.segmentation.mask_ap) and its test.
+                 "pycocotools>=2.0.7"],
         # pytorch-fid (the reference of tests/evaluate/test_inception.py) goes in with --no-deps from the Makefile,
         # like torchvision, which it needs.
         # TensorFlow is only needed for TFDS datasets whose builders require it (e.g. `fashion_mnist` download).
         "tfds": ["tensorflow-cpu>=2.16"],
         "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # COCO mask AP of instance predictions (maskjax.evaluate.segmentation.mask_ap).
+        "coco": ["pycocotools>=2.0.7"],
     },
     entry_points={"console_scripts": ["maskjax=maskjax.main:run"]},
 )

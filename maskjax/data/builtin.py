@@ -258,6 +258,17 @@ class BuiltinShapes:
         """Names of the semantic ids: stuff 0..S-1, then things S..S+T-1."""
         return STUFF_CLASSES + self.class_names
 
+    def panoptic_info(self) -> dict:
+        """The panoptic view of 'semantic' / 'instance': category names in semantic-id order, which are things,
+        the largest instance id an image can hold, and the void id (crop padding; no pixel is void otherwise).
+
+        A segment is a stuff class's region (instance 0) or one thing instance (instance id >= 1); its category is
+        the semantic id of its pixels, its area its pixel count. The data has no crowd regions.
+        """
+        return {"categories": self.semantic_class_names(),
+                "is_thing": (False,) * NUM_STUFF + (True,) * self.num_classes,
+                "max_instances": 1 + self.max_objects, "void": -1}
+
     # ---- batched access
     def get_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Examples `indices` stacked along a new leading axis (from the cache if materialised)."""

@@ -164,11 +164,13 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array] = None, *,
                  mask: Any = None, bias: Optional[jax.Array] = None,
-                 cache_positions: Optional[jax.Array] = None) -> jax.Array:
+                 cache_positions: Optional[jax.Array] = None, inputs_v: Optional[jax.Array] = None) -> jax.Array:
         """`cache_positions` int32 [q_len] (self-attention only): key/value caching for incremental decoding. The
         keys and values of the inputs are written at these sequence positions of the 'cache' collection (created
         at the first such call, with that call's length as the sequence length), and the queries attend to the
-        whole cached sequence under `mask` [.., q_len, seq_len] (the caller says which positions are filled)."""
+        whole cached sequence under `mask` [.., q_len, seq_len] (the caller says which positions are filled).
+        `inputs_v` [batch, kv_len, d_kv]: values from another input than the keys (DETR-style decoders add
+        positions to keys but not to values); default `inputs_kv`."""
         if cache_positions is not None and inputs_kv is not None:
             raise ValueError("MultiHeadAttention: cache_positions needs self-attention (inputs_kv=None)")
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
@@ -185,7 +187,7 @@ class MultiHeadAttention(nn.Module):
 
         q = projection("query")(inputs_q)  # [batch, q_len, heads, head_dim]
         k = projection("key")(inputs_kv)
-        v = projection("value")(inputs_kv)
+        v = projection("value")(inputs_kv if inputs_v is None else inputs_v)
         if self.qk_norm:
             q = layer_norm(self.layer_norm_eps, self.dtype, name="query_norm")(q)
             k = layer_norm(self.layer_norm_eps, self.dtype, name="key_norm")(k)
@@ -331,13 +333,21 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: Any = None, train: bool = False,
-                 cache_positions: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+                 cache_positions: Optional[jax.Array] = None, blocks: Optional[tuple[int, int]] = None,
+                 final_norm: bool = True) -> tuple[jax.Array, dict]:
+        """`blocks=(start, stop)` runs only blocks start..stop-1 (and the final norm only if `final_norm`): models
+        that act between blocks (EoMT) call the same encoder several times; the parameters are the same."""
         block_cls = nn.remat(Encoder1DBlock, static_argnums=(3,)) if self.remat else Encoder1DBlock
+        start, stop = (0, self.depth) if blocks is None else blocks
+        if not 0 <= start <= stop <= self.depth:
+            raise ValueError(f"Encoder: blocks={blocks} must satisfy 0 <= start <= stop <= depth={self.depth}")
         if isinstance(mask, (list, tuple)) and len(mask) != self.depth:
             raise ValueError(f"Encoder: got {len(mask)} per-block masks for depth={self.depth}")
         layer_masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * self.depth
         aux = {}
         for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
+            if not start <= i < stop:
+                continue
             x = block_cls(
                 mlp_dim=self.mlp_dim,
                 num_heads=self.num_heads,
@@ -353,7 +363,7 @@ class Encoder(nn.Module):
                 name=f"block_{i}",
             )(x, layer_masks[i], train, cache_positions)
             aux[f"block_{i}"] = x
-        if self.norm_position == "post":
+        if self.norm_position == "post" or not final_norm:
             return x, aux
         encoded = layer_norm(self.layer_norm_eps, self.dtype, name="encoder_norm")(x)
         return constrain_tokens(encoded), aux

@@ -7,7 +7,7 @@ frozen weights (a MIM teacher) gets a reader of them from whoever wires it (the 
 from typing import Callable, Optional
 
 # Importing the family modules registers their tasks, models and evaluator types.
-from maskjax.tasks import classification, maskgit, mim, sample_quality, tokenizer  # noqa: F401
+from maskjax.tasks import classification, maskgit, mim, sample_quality, segmentation, tokenizer  # noqa: F401
 from maskjax.tasks.base import MODELS, TASKS, ModelSpec, Task, build_model, get_model, get_task, register_model, \
     register_task, section_schema
 from maskjax.tasks.classification import ClassificationTask
