@@ -71,6 +71,41 @@ class MaskHead(nn.Module):
         return class_logits.astype(jnp.float32), mask_logits.astype(jnp.float32)
 
 
+class Deconv2x(nn.Module):
+    """Flax's `nn.ConvTranspose(features, (2, 2), strides=(2, 2))` ([B, h, w, D] -> [B, 2h, 2w, features]; same
+    parameters 'kernel' [2, 2, D, features] and 'bias'), computed as one einsum and a depth-to-space reshape: the
+    2x2/2 windows do not overlap, and XLA's CPU gradient of the transposed convolution is ~100x its forward."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        batch, height, width, _ = x.shape
+        # Flax's transposed conv with this stride correlates with the kernel unflipped: output (2i + a, 2j + b)
+        # takes kernel tap (1 - a, 1 - b) (checked against nn.ConvTranspose in tests/models/test_segmentation.py).
+        y = jnp.einsum("nhwd,pqdc->nhpwqc", x.astype(self.dtype), kernel[::-1, ::-1].astype(self.dtype))
+        return y.reshape(batch, 2 * height, 2 * width, self.features) + bias.astype(self.dtype)
+
+
+class DepthwiseConv3x3(nn.Module):
+    """Flax's `nn.Conv(D, (3, 3), padding=1, feature_group_count=D, use_bias=False)` (same 'kernel' [3, 3, 1, D])
+    as nine shifted products: XLA's CPU gradient of grouped convolutions is several times slower."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, 1, x.shape[-1]), jnp.float32)
+        height, width = x.shape[1:3]
+        padded = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        kernel = kernel.astype(self.dtype)
+        return sum(padded[:, dy:dy + height, dx:dx + width] * kernel[dy, dx, 0]
+                   for dy in range(3) for dx in range(3))
+
+
 class ScaleBlock(nn.Module):
     """EoMT's 2x upscaler of a feature map [B, h, w, D] -> [B, 2h, 2w, D]: transposed conv 2x2/2, GELU,
     depthwise 3x3 conv (no bias), LayerNorm over channels."""
@@ -80,11 +115,9 @@ class ScaleBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        width = x.shape[-1]
-        x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype, name="deconv")(x)
+        x = Deconv2x(x.shape[-1], self.dtype, name="deconv")(x)
         x = nn.gelu(x, approximate=False)
-        x = nn.Conv(width, (3, 3), padding=1, feature_group_count=width, use_bias=False, dtype=self.dtype,
-                    name="dwconv")(x)
+        x = DepthwiseConv3x3(self.dtype, name="dwconv")(x)
         return layer_norm(self.eps, self.dtype, name="norm")(x)
 
 
@@ -202,7 +235,7 @@ class FeaturePyramid(nn.Module):
         for i in range(max(steps, 0)):
             if i:
                 x = nn.gelu(layer_norm(self.eps, self.dtype, name=f"{name}_norm{i}")(x), approximate=False)
-            x = nn.ConvTranspose(x.shape[-1], (2, 2), strides=(2, 2), dtype=self.dtype, name=f"{name}_up{i}")(x)
+            x = Deconv2x(x.shape[-1], self.dtype, name=f"{name}_up{i}")(x)
         for _ in range(max(-steps, 0)):
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         return x
