@@ -124,18 +124,28 @@ VARIANTS = {
 # Fashion-MNIST config files whose task (and so whose keys) another file of the group already runs, on the built-in
 # data: checked against their task's reads without a run of their own. The Fashion-MNIST data keys are read by the
 # runs of vit_fashion_mnist.py and tokenizer_fashion_mnist.py.
-CHECKED_WITHOUT_A_RUN = ("mae_fashion_mnist.py", "maskgit_fashion_mnist.py")
+CHECKED_WITHOUT_A_RUN = ("mae_fashion_mnist.py", "maskgit_fashion_mnist.py",
+                         # TFDS recipes that need TensorFlow and data files; their task runs on the built-in shapes.
+                         "eomt_coco_panoptic.py", "eomt_ade20k.py")
 
 
 def task_of(name: str) -> str:
     return load(name).get_config("runlocal").task
 
 
-# Two groups that share no run, one test each, so the two pytest-xdist workers check them side by side: the
-# encoder configs (vit_builtin's checkpoint is the MIM teacher) and the generator configs (tokenizer runs feed
-# the generators).
+# Groups that share no run, one test each, so the pytest-xdist workers check them side by side: the encoder
+# configs (vit_builtin's checkpoint is the MIM teacher), the generator configs (tokenizer runs feed the
+# generators) and the segmentation configs.
 GENERATOR_TASKS = ("tokenizer", "maskgit", "autoregressive", "m2t")
-GROUP_OF = {name: "generators" if task_of(name) in GENERATOR_TASKS else "encoders" for name in CONFIG_FILES}
+SEGMENTATION_TASKS = ("segmentation", "semantic_segmentation")
+
+
+def _group(name: str) -> str:
+    task = task_of(name)
+    return "generators" if task in GENERATOR_TASKS else "segmentation" if task in SEGMENTATION_TASKS else "encoders"
+
+
+GROUP_OF = {name: _group(name) for name in CONFIG_FILES}
 _READS: dict = {}
 
 
@@ -170,7 +180,7 @@ def reads_of_group(group: str, tmp_path_factory) -> dict:
     return reads
 
 
-@pytest.mark.parametrize("group", ["encoders", "generators"])
+@pytest.mark.parametrize("group", ["encoders", "generators", "segmentation"])
 def test_every_key_of_every_config_file_is_read(group, tmp_path_factory):
     from maskjax.data import fashion_mnist
 

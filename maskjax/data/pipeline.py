@@ -101,7 +101,13 @@ def _tfds_source(builder_name: str, split: str, *, data_dir: str | None, downloa
     features = getattr(info, "features", None)
     if features is not None and "label" in features and hasattr(features["label"], "names"):
         class_names = features["label"].names
-    return TfdsSource(data_source, class_names=class_names, name=f"tfds:{builder_name}/{split}")
+    source = TfdsSource(data_source, class_names=class_names, name=f"tfds:{builder_name}/{split}")
+    from maskjax.data import panoptic
+
+    base = builder_name.split(":")[0]
+    if base in panoptic.ADAPTERS:  # segmentation data sets in maskjax's label-map convention
+        return panoptic.AdaptedSource(source, panoptic.ADAPTERS[base], panoptic.panoptic_info(base))
+    return source
 
 
 def _read(source: Source, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
