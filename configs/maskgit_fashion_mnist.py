@@ -1,8 +1,10 @@
 """MaskGIT of configs/maskgit_builtin.py on Fashion-MNIST: the class-conditional transformer over the 7x7 token grids
 of a frozen FSQ tokenizer (configs/tokenizer_fashion_mnist.py).
 
-Runtime and result here: not measured yet (`python experiments/maskgit/reproduce.py --dataset fashion_mnist`
-writes experiments/results/maskgit_fashion_mnist.md).
+Runtime and result here (`python experiments/maskgit/reproduce.py --dataset fashion_mnist`,
+experiments/results/maskgit_fashion_mnist.md and _cost.md): 2000 steps take about 31 minutes at the median logged
+speed; 8 decoding steps (cosine) give a Fréchet distance of 2.25 in classifier features against the test split
+(real-vs-real floor 1.64), the best of 1-32 steps.
 Needs the data: `apt-get install dataset-fashion-mnist`, or TensorFlow + internet for TFDS `fashion_mnist`.
 Commands (the tokenizer first):
   python -m maskjax.main --config=configs/tokenizer_fashion_mnist.py --workdir=workdirs/tokenizer_fmnist

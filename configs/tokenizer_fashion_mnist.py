@@ -1,8 +1,9 @@
 """The FSQ tokenizer of configs/tokenizer_builtin.py on Fashion-MNIST: 28x28 grey images -> 7x7 = 49 tokens of 1000
 codes (f = 4).
 
-Runtime and result here: not measured yet (`python experiments/maskgit/reproduce.py --dataset fashion_mnist`
-writes experiments/results/maskgit_fashion_mnist.md).
+Runtime and result here (`python experiments/maskgit/reproduce.py --dataset fashion_mnist`,
+experiments/results/maskgit_fashion_mnist.md and _cost.md): 2000 steps take about 13 minutes at the median logged
+speed; on the test split it uses 94.9 % of its 1000 codes, perplexity 405, PSNR 24.6 dB.
 Needs the data: `apt-get install dataset-fashion-mnist` (files in /usr/share/datasets/fashion-mnist/), or
 TensorFlow + internet for TFDS `fashion_mnist`.
 Command:

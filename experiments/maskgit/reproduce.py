@@ -283,7 +283,8 @@ def write(results: dict, command: str, args) -> None:
               "|---|---|---|---|---|---|"]
     s, ev = results["studies"], results["evals"]
     d = DATASETS[args.dataset]
-    lines = [f"# MaskGIT on {d['title']}: ablations, tokenizers, AR and M2T", "", f"`{command}`", "",
+    what = "ablations, tokenizers, AR and M2T" if d["baselines"] else "ablations and the FSQ tokenizer"
+    lines = [f"# MaskGIT on {d['title']}: {what}", "", f"`{command}`", "",
              f"Date: {datetime.date.today()}. maskjax commit `{commit}`. {args.samples} class-balanced samples per "
              f"setting vs {args.samples} images of the {d['eval_split']} split, in the features of the classifier "
              f"run ({d['classifier']}, {args.classifier_steps} steps; its {d['eval_split']} accuracy "
