@@ -170,26 +170,26 @@ def test_eomt_attention_mask_rules():
     assert call(0.0).all()  # probability 0: every query's mask is dropped
 
 
-def test_masked_decoder_with_full_masks_equals_plain_cross_attention():
-    # Zero mask embeddings give logits 0 = sigmoid 0.5, which Mask2Former counts as inside (blocked iff < 0.5):
-    # every query sees every pixel, so masked and plain cross-attention agree exactly.
+def test_masked_decoder_empty_mask_rules_against_plain_cross_attention():
+    # Mask logits = (mask embedding) . (pixel features). With positive features, a zero last mask layer gives
+    # logits 0 = sigmoid 0.5, inside (Mask2Former blocks iff < 0.5): every query sees every pixel. A bias of -1 gives
+    # logits < 0 everywhere: every mask is empty, and Mask2Former's rule (attend to all) sees every pixel too. Both
+    # must equal plain cross-attention; maskjax's 'attend_none' rule must differ from it and stay finite.
     rng = np.random.default_rng(0)
-    levels = [jnp.asarray(rng.normal(size=(2, s, s, 8)), jnp.float32) for s in (2, 4)]
-    mask_features = jnp.asarray(rng.normal(size=(2, 4, 4, 8)), jnp.float32)
+    levels = [jnp.asarray(np.abs(rng.normal(size=(2, s, s, 8))), jnp.float32) for s in (2, 4)]
+    mask_features = jnp.asarray(np.abs(rng.normal(size=(2, 4, 4, 8))) + 0.1, jnp.float32)
     masked = MaskedAttentionDecoder(3, num_queries=4, num_heads=2, mlp_dim=16, num_layers=3)
-    params = jax.jit(masked.init)(jax.random.key(0), levels, mask_features)["params"]
-    params = jax.tree_util.tree_map(lambda x: x, meta.unbox(params))
-    for leaf in ("kernel", "bias"):
-        params["mask_head"]["mask_mlp_2"][leaf] = jnp.zeros_like(params["mask_head"]["mask_mlp_2"][leaf])
-    plain = masked.clone(masked_attention=False)
-    out_masked = jax.jit(masked.apply)({"params": params}, levels, mask_features)
-    out_plain = jax.jit(plain.apply)({"params": params}, levels, mask_features)
-    np.testing.assert_allclose(out_masked[0], out_plain[0], atol=1e-6)
-    # With non-zero masks the two differ, and neither rule for empty rows gives NaN.
-    params["mask_head"]["mask_mlp_2"]["bias"] = jnp.full_like(params["mask_head"]["mask_mlp_2"]["bias"], -5.0)
-    for rule in ("attend_all", "attend_none"):
-        out = jax.jit(masked.clone(empty_mask_rule=rule).apply)({"params": params}, levels, mask_features)
-        assert np.isfinite(np.asarray(out[0])).all()
+    params = meta.unbox(jax.jit(masked.init)(jax.random.key(0), levels, mask_features)["params"])
+    last = params["mask_head"]["mask_mlp_2"]
+    last["kernel"] = jnp.zeros_like(last["kernel"])
+    run = {rule: jax.jit(masked.clone(empty_mask_rule=rule).apply) for rule in ("attend_all", "attend_none")}
+    plain = jax.jit(masked.clone(masked_attention=False).apply)({"params": params}, levels, mask_features)[0]
+    for bias in (0.0, -1.0):
+        last["bias"] = jnp.full_like(last["bias"], bias)
+        np.testing.assert_allclose(run["attend_all"]({"params": params}, levels, mask_features)[0], plain,
+                                   atol=1e-5)
+    none = run["attend_none"]({"params": params}, levels, mask_features)[0]  # bias -1: every row empty
+    assert np.isfinite(np.asarray(none)).all() and np.abs(np.asarray(none) - np.asarray(plain)).max() > 1e-3
 
 
 def test_random_resized_crop_moves_image_and_maps_together():
