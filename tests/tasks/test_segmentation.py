@@ -258,3 +258,31 @@ def test_bad_input_is_named_before_compute():
                     "instance": np.full((16, 16), 9, np.int32)}])
     with pytest.raises(ValueError, match="max_instances=4.*up to 9 instances"):
         task.check_data(many)
+
+
+def test_segment_command_writes_overlays_and_predictions(tmp_path):
+    import subprocess
+    import sys
+
+    from maskjax.train.config import load_config_file
+    from maskjax.train.trainer import Trainer
+
+    c = load_config_file("configs/perpixel_builtin.py").get_config("runlocal")
+    c = override(c, total_steps=2, checkpoint_every=2, progress_bar=False, async_checkpointing=False,
+                 data__num_threads=0, evals__eval__every=-1, evals__predictions__every=-1, optimizer__warmup_steps=1)
+    workdir = str(tmp_path / "run")
+    Trainer(c, workdir).run()
+    from PIL import Image
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
+    for extra, count in (["--num=3"], 3), ([f"--images={tmp_path / 'a.png'}"], 1):
+        out = tmp_path / f"out{count}"
+        done = subprocess.run([sys.executable, "-m", "maskjax.segment", f"--workdir={workdir}", f"--out={out}",
+                               *extra], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        predictions = np.load(out / "predictions.npz")
+        assert predictions["semantic"].shape == (count, 32, 32)
+        assert ((predictions["semantic"] >= 0) & (predictions["semantic"] < 15)).all()
+        assert Image.open(out / "overlay.png").size[0] > 0
+    bad = subprocess.run([sys.executable, "-m", "maskjax.segment", f"--workdir={workdir}", "--images=nope.png"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--images: no file 'nope.png'" in bad.stderr
