@@ -272,3 +272,27 @@ def block_param_shapes(width: int, mlp_dim: int, num_heads: int, *, qk_norm: boo
         shapes["ls1/scale"] = (width,)
         shapes["ls2/scale"] = (width,)
     return shapes
+
+
+def read_hf_config(config: Any, fields: Mapping[str, Any], *, count_labels: bool = False) -> tuple[dict, Any]:
+    """The `fields` ({name: default, None = required}) of a Hugging Face config (object or `to_dict()`), and its
+    getter. `count_labels`: also 'num_labels', from `num_labels` or else the length of `id2label`. A ValueError
+    names a missing field."""
+    get = (lambda k: config.get(k)) if isinstance(config, Mapping) else (lambda k: getattr(config, k, None))
+    cfg = {}
+    for name, default in fields.items():
+        value = get(name)
+        if value is None:
+            if default is None:
+                raise ValueError(f"config: missing field {name!r}")
+            value = default
+        cfg[name] = value
+    if count_labels:
+        num_labels = get("num_labels")
+        if num_labels is None:
+            id2label = get("id2label")
+            if not id2label:
+                raise ValueError("config: missing field 'num_labels' (and no 'id2label' to count)")
+            num_labels = len(id2label)
+        cfg["num_labels"] = num_labels
+    return cfg, get

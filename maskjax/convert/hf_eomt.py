@@ -42,7 +42,7 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from maskjax.convert.common import (StateDict, block_param_shapes, block_to_maskjax, check_params,
+from maskjax.convert.common import (read_hf_config, StateDict, block_param_shapes, block_to_maskjax, check_params,
                                     check_state_dict, conv_to_flax, flatten_params, linear_to_dense,
                                     load_state_dict)
 from maskjax.models.layers import pair
@@ -79,22 +79,7 @@ def read_config(config: Any) -> dict:
     """The fields of an `EomtConfig` (object or `to_dict()`) the conversion needs, validated; a ValueError names the
     bad field. Adds 'num_labels' (from `num_labels` or `id2label`), 'mlp_dim', and (h, w) pairs 'image_size',
     'patch_size', 'grid'."""
-    get = (lambda k: config.get(k)) if isinstance(config, Mapping) else (lambda k: getattr(config, k, None))
-    cfg = {}
-    for name, default in _CONFIG_FIELDS.items():
-        value = get(name)
-        if value is None:
-            if default is None:
-                raise ValueError(f"config: missing field {name!r}")
-            value = default
-        cfg[name] = value
-    num_labels = get("num_labels")
-    if num_labels is None:
-        id2label = get("id2label")
-        if not id2label:
-            raise ValueError("config: missing field 'num_labels' (and no 'id2label' to count)")
-        num_labels = len(id2label)
-    cfg["num_labels"] = num_labels
+    cfg, get = read_hf_config(config, _CONFIG_FIELDS, count_labels=True)
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_channels", "num_blocks",
                  "num_queries", "num_labels"):
         _positive_int(cfg, name)

@@ -45,7 +45,7 @@ from typing import Any, Mapping, Union
 
 import numpy as np
 
-from maskjax.convert.common import (StateDict, check_params, check_state_dict, conv_to_flax, flatten_params,
+from maskjax.convert.common import (read_hf_config, StateDict, check_params, check_state_dict, conv_to_flax, flatten_params,
                                     heads_in, heads_out, linear_to_dense, load_state_dict)
 
 _WHAT = "hf_mask2former_decoder_to_maskjax"
@@ -61,22 +61,7 @@ _UNMAPPED_PREFIXES = ("model.pixel_level_module.", "criterion.")
 def read_config(config: Any) -> dict:
     """The fields of a `Mask2FormerConfig` (object or `to_dict()`) the conversion needs, validated; a ValueError
     names the bad field. Adds 'num_labels' (from `num_labels` or `id2label`) and 'input_projections' (bool)."""
-    get = (lambda k: config.get(k)) if isinstance(config, Mapping) else (lambda k: getattr(config, k, None))
-    cfg = {}
-    for name, default in _CONFIG_FIELDS.items():
-        value = get(name)
-        if value is None:
-            if default is None:
-                raise ValueError(f"config: missing field {name!r}")
-            value = default
-        cfg[name] = value
-    num_labels = get("num_labels")
-    if num_labels is None:
-        id2label = get("id2label")
-        if not id2label:
-            raise ValueError("config: missing field 'num_labels' (and no 'id2label' to count)")
-        num_labels = len(id2label)
-    cfg["num_labels"] = num_labels
+    cfg, get = read_hf_config(config, _CONFIG_FIELDS, count_labels=True)
     for name in ("hidden_dim", "mask_feature_size", "feature_size", "num_attention_heads", "dim_feedforward",
                  "decoder_layers", "num_queries", "num_labels"):
         value = cfg[name]

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Union
 import jax.numpy as jnp
 import numpy as np
 
-from maskjax.convert.common import (StateDict, block_from_maskjax, block_param_shapes, block_to_maskjax,
+from maskjax.convert.common import (read_hf_config, StateDict, block_from_maskjax, block_param_shapes, block_to_maskjax,
                                     check_params, check_state_dict, conv_to_flax, conv_to_torch, flatten_params,
                                     linear_to_dense, load_state_dict, to_format, unwrap_params)
 from maskjax.models.layers import pair, posemb_sincos_2d
@@ -71,15 +71,7 @@ _CONFIG_FIELDS = {"hidden_size": None, "num_hidden_layers": None, "num_attention
 
 def read_config(config: Any) -> dict:
     """The fields of a `ViTMAEConfig` (object or dict) the conversion needs, validated; ValueError names a bad one."""
-    get = (lambda k: config.get(k)) if isinstance(config, Mapping) else (lambda k: getattr(config, k, None))
-    cfg = {}
-    for name, default in _CONFIG_FIELDS.items():
-        value = get(name)
-        if value is None:
-            if default is None:
-                raise ValueError(f"config: missing field {name!r}")
-            value = default
-        cfg[name] = value
+    cfg, get = read_hf_config(config, _CONFIG_FIELDS)
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels",
                  "decoder_hidden_size", "decoder_num_attention_heads", "decoder_intermediate_size"):
         if isinstance(cfg[name], bool) or not isinstance(cfg[name], int) or cfg[name] < 1:
