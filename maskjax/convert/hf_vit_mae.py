@@ -71,7 +71,7 @@ _CONFIG_FIELDS = {"hidden_size": None, "num_hidden_layers": None, "num_attention
 
 def read_config(config: Any) -> dict:
     """The fields of a `ViTMAEConfig` (object or dict) the conversion needs, validated; ValueError names a bad one."""
-    cfg, get = read_hf_config(config, _CONFIG_FIELDS)
+    cfg, _ = read_hf_config(config, _CONFIG_FIELDS)
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels",
                  "decoder_hidden_size", "decoder_num_attention_heads", "decoder_intermediate_size"):
         if isinstance(cfg[name], bool) or not isinstance(cfg[name], int) or cfg[name] < 1:
