@@ -151,10 +151,12 @@ def panoptic_targets(semantic: jax.Array, instance: jax.Array, num_classes: int,
     ids = jnp.where(is_thing, jnp.where((instance >= 1) & (instance <= max_instances), thing_slot, -1), semantic)
     ids = jnp.where(known, ids, -1)
     num_slots = num_stuff + max_instances
-    onehot = jax.nn.one_hot(ids, num_slots, dtype=jnp.int32)  # void (-1) -> all zeros
-    area = jnp.sum(onehot, axis=(1, 2))  # [B, M]
+    # Per-slot scatters, not [B, H, W, M] one-hot masks; void pixels go to index M, out of range, dropped.
+    flat_ids = jnp.where(ids >= 0, ids, num_slots).reshape(ids.shape[0], -1)
+    area = jax.vmap(lambda i: jnp.zeros(num_slots, jnp.int32).at[i].add(1, mode="drop"))(flat_ids)  # [B, M]
     # A slot's category: the largest semantic id among its pixels (one id per segment in well-formed data).
-    category = jnp.max(jnp.where(onehot > 0, semantic[..., None], -1), axis=(1, 2))
+    category = jax.vmap(lambda i, v: jnp.full(num_slots, -1, jnp.int32).at[i].max(v, mode="drop"))(
+        flat_ids, semantic.reshape(ids.shape[0], -1))
     classes = jnp.where(area > 0, category, -1)
     return ids, classes
 
@@ -197,23 +199,38 @@ def random_resized_crop(rng: jax.Array, image: jax.Array, maps: Sequence[jax.Arr
 
 
 # --------------------------------------------------------------------------------------------------- loss
-def point_sample(maps: jax.Array, points: jax.Array) -> jax.Array:
-    """Bilinear values of maps [N, h, w] at points [P, 2] ((y, x) in [0, 1]) -> [N, P]: PyTorch's
-    `grid_sample(align_corners=False)` with zero padding, as Mask2Former's `point_sample`."""
-    chex.assert_rank([maps, points], [3, 2])
-    height, width = maps.shape[1:]
-    py, px = points[:, 0] * height - 0.5, points[:, 1] * width - 0.5
+def _bilinear_corners(points: jax.Array, height: int, width: int):
+    """The 4 (row, col, weight) corners of PyTorch's `grid_sample(align_corners=False)` at points [..., 2]
+    ((y, x) in [0, 1]); a corner outside the image has weight 0 (zero padding) and clipped indices."""
+    py, px = points[..., 0] * height - 0.5, points[..., 1] * width - 0.5
     y0, x0 = jnp.floor(py), jnp.floor(px)
     wy, wx = py - y0, px - x0
     y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
-    total = 0.0
     for dy, fy in ((0, 1 - wy), (1, wy)):
         for dx, fx in ((0, 1 - wx), (1, wx)):
             yy, xx = y0 + dy, x0 + dx
             inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
-            value = maps[:, jnp.clip(yy, 0, height - 1), jnp.clip(xx, 0, width - 1)]
-            total = total + jnp.where(inside, fy * fx, 0.0) * value
-    return total
+            yield jnp.clip(yy, 0, height - 1), jnp.clip(xx, 0, width - 1), jnp.where(inside, fy * fx, 0.0)
+
+
+def point_sample(maps: jax.Array, points: jax.Array) -> jax.Array:
+    """Bilinear values of maps [N, h, w] at points [P, 2] ((y, x) in [0, 1]) -> [N, P]: PyTorch's
+    `grid_sample(align_corners=False)` with zero padding, as Mask2Former's `point_sample`."""
+    chex.assert_rank([maps, points], [3, 2])
+    return sum(weight * maps[:, yy, xx] for yy, xx, weight in _bilinear_corners(points, *maps.shape[1:]))
+
+
+def sample_slot_masks(ids: jax.Array, points: jax.Array, slots: jax.Array) -> jax.Array:
+    """Bilinear values of the binary masks `ids == slot` at points, read from the id map's 4 corners per point
+    (the [M, H, W] one-hot masks are never built: M full-resolution maps per image, which on COCO-sized data
+    outweigh everything else in the loss).
+
+    ids int [H, W] (-1 = void, in no mask); points [..., P, 2] ((y, x) in [0, 1]); slots int, broadcastable
+    against [..., P] (e.g. [M, 1]). Returns float32 [...broadcast..., P] = `point_sample(one_hot(ids), points)`
+    of each slot's mask.
+    """
+    chex.assert_rank(ids, 2)
+    return sum(weight * (ids[yy, xx] == slots) for yy, xx, weight in _bilinear_corners(points, *ids.shape))
 
 
 def _pair_costs(pred_logits: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -234,26 +251,29 @@ def _mask_terms(pred_logits: jax.Array, target: jax.Array) -> tuple[jax.Array, j
     return bce, dice
 
 
-def set_loss_sums(class_logits: jax.Array, mask_logits: jax.Array, target_masks: jax.Array,
+def set_loss_sums(class_logits: jax.Array, mask_logits: jax.Array, target_ids: jax.Array,
                   target_classes: jax.Array, rng: jax.Array, *, class_weight: float, mask_weight: float,
                   dice_weight: float, no_object_weight: float, num_points: int, oversample_ratio: float,
                   importance_sample_ratio: float) -> dict[str, jax.Array]:
     """Matching and loss of one image's prediction (sums; normalised by the caller over the global batch).
 
-    class_logits [Q, K+1]; mask_logits [Q, h, w]; target_masks float [M, H, W] in {0, 1}; target_classes int [M]
-    (-1 = empty slot). Returns {'class_ce': sum of weighted CE, 'class_weight': sum of weights, 'mask_bce',
+    class_logits [Q, K+1]; mask_logits [Q, h, w]; target_ids int [H, W]: the target slot of each pixel (-1 = void),
+    so slot m's mask is `target_ids == m`; target_classes int [M] (-1 = empty slot). Returns {'class_ce': sum of weighted CE, 'class_weight': sum of weights, 'mask_bce',
     'mask_dice': sums over matched pairs, 'num_masks', 'matched': query index per slot [M] (-1 = none)}.
     """
+    chex.assert_rank([class_logits, mask_logits, target_ids, target_classes], [2, 3, 2, 1])
     num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+    num_slots = target_classes.shape[0]
+    slots = jnp.arange(num_slots)[:, None]
     valid = target_classes >= 0
     k_match, k_over, k_rand = jax.random.split(rng, 3)
     if num_points > 0:
         points = jax.random.uniform(k_match, (num_points, 2))
         pred_points = point_sample(mask_logits, points)
-        target_points = point_sample(target_masks, points)
+        target_points = sample_slot_masks(target_ids, points, slots)  # [M, P]
     else:  # full masks at the target resolution
-        pred_points = resize_bilinear(mask_logits, target_masks.shape[1:]).reshape(num_queries, -1)
-        target_points = target_masks.reshape(target_masks.shape[0], -1)
+        pred_points = resize_bilinear(mask_logits, target_ids.shape).reshape(num_queries, -1)
+        target_points = (target_ids.reshape(1, -1) == slots).astype(jnp.float32)  # [M, H*W]
     probs = jax.nn.softmax(class_logits, axis=-1)
     cost_class = -jnp.take(probs, jnp.maximum(target_classes, 0), axis=1)  # [Q, M]
     cost_bce, cost_dice = _pair_costs(pred_points, target_points)
@@ -271,17 +291,17 @@ def set_loss_sums(class_logits: jax.Array, mask_logits: jax.Array, target_masks:
     if num_points > 0:
         candidates = int(num_points * oversample_ratio)
         important = int(num_points * importance_sample_ratio)
-        cand = jax.random.uniform(k_over, (target_masks.shape[0], candidates, 2))
+        cand = jax.random.uniform(k_over, (num_slots, candidates, 2))
         cand_logits = jax.vmap(lambda m, p: point_sample(m[None], p)[0])(jax.lax.stop_gradient(pred), cand)
         _, top = jax.lax.top_k(-jnp.abs(cand_logits), important)  # most uncertain = smallest |logit|
         chosen = jnp.take_along_axis(cand, top[..., None], axis=1)
-        extra = jax.random.uniform(k_rand, (target_masks.shape[0], num_points - important, 2))
+        extra = jax.random.uniform(k_rand, (num_slots, num_points - important, 2))
         chosen = jnp.concatenate([chosen, extra], axis=1)
-        sample = jax.vmap(lambda m, p: point_sample(m[None], p)[0])
-        pred_pts, target_pts = sample(pred, chosen), sample(target_masks, chosen)
+        pred_pts = jax.vmap(lambda m, p: point_sample(m[None], p)[0])(pred, chosen)
+        target_pts = sample_slot_masks(target_ids, chosen, slots)  # each slot's mask at its own points
     else:
-        pred_pts = resize_bilinear(pred, target_masks.shape[1:]).reshape(pred.shape[0], -1)
-        target_pts = target_masks.reshape(target_masks.shape[0], -1)
+        pred_pts = resize_bilinear(pred, target_ids.shape).reshape(pred.shape[0], -1)
+        target_pts = target_points
     bce, dice = _mask_terms(pred_pts, target_pts)
     use = matched_valid.astype(jnp.float32)
     return {"class_ce": jnp.sum(weights * ce), "class_weight": jnp.sum(weights),
@@ -479,7 +499,6 @@ class SegmentationTask(_SegmentationBase):
         image, (semantic, instance) = self._augment(batch, crop_rng, train)
         outputs = self._apply(params, image, train, model_rng, step)
         ids, classes = panoptic_targets(semantic, instance, self.num_classes, self.num_stuff, c.max_instances)
-        target_masks = jax.nn.one_hot(ids, self.num_slots, dtype=jnp.float32).transpose(0, 3, 1, 2)
         predictions = [(outputs["class_logits"], outputs["mask_logits"])]
         if c.deep_supervision:
             predictions += [(p["class_logits"], p["mask_logits"]) for p in outputs["layers"]]
@@ -489,8 +508,8 @@ class SegmentationTask(_SegmentationBase):
         total, metrics = 0.0, {}
         for index, (class_logits, mask_logits) in enumerate(predictions):
             keys = jax.random.split(jax.random.fold_in(point_rng, index), image.shape[0])
-            sums = jax.vmap(lambda cl, ml, tm, tc, k: set_loss_sums(cl, ml, tm, tc, k, **options))(
-                class_logits, mask_logits, target_masks, classes, keys)
+            sums = jax.vmap(lambda cl, ml, ti, tc, k: set_loss_sums(cl, ml, ti, tc, k, **options))(
+                class_logits, mask_logits, ids, classes, keys)
             # Sums over the global batch: num_masks counts every device's and host's targets.
             num_masks = jnp.maximum(jnp.sum(sums["num_masks"]), 1.0)
             class_loss = jnp.sum(sums["class_ce"]) / jnp.maximum(jnp.sum(sums["class_weight"]), 1e-6)

@@ -14,7 +14,7 @@ from scipy.optimize import linear_sum_assignment
 from maskjax.models.segmentation import EoMT, MaskedAttentionDecoder
 from maskjax.tasks import make_task
 from maskjax.tasks.segmentation import (annealing_probs, panoptic_targets, point_sample, random_resized_crop,
-                                        set_loss_sums)
+                                        sample_slot_masks, set_loss_sums)
 from maskjax.train.config import base_config, validate
 from tests.configs import override
 
@@ -65,6 +65,27 @@ def test_point_sample_equals_torch_grid_sample():
     np.testing.assert_allclose(ours, theirs[:, 0, 0].numpy(), atol=1e-5)
 
 
+def test_slot_masks_sampled_from_the_id_map_equal_torch_grid_sample_of_the_masks():
+    from maskjax.convert._torch_compat import import_torch
+
+    torch = import_torch()
+    rng = np.random.default_rng(1)
+    ids = rng.integers(-1, 4, (5, 7)).astype(np.int32)  # 4 slots and void
+    points = rng.uniform(-0.1, 1.1, size=(3, 33, 2)).astype(np.float32)  # per-slot-row points, some outside
+    masks = (ids[None] == np.arange(4)[:, None, None]).astype(np.float32)  # [4, 5, 7]
+    grid = torch.from_numpy(points[..., ::-1].copy() * 2 - 1)[:, None]  # [3, 1, 33, 2], (x, y) in [-1, 1]
+    for slot in range(4):
+        ours = np.asarray(sample_slot_masks(jnp.asarray(ids), jnp.asarray(points), jnp.asarray(slot)))  # [3, 33]
+        theirs = torch.nn.functional.grid_sample(torch.from_numpy(masks[slot])[None, None].expand(3, 1, 5, 7),
+                                                 grid, align_corners=False)[:, 0, 0].numpy()
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    # Broadcast form of the matching points: every slot at one shared set of points -> [M, P].
+    shared = np.asarray(sample_slot_masks(jnp.asarray(ids), jnp.asarray(points[0]), jnp.arange(4)[:, None]))
+    theirs = torch.nn.functional.grid_sample(torch.from_numpy(masks)[:, None], grid[:1].expand(4, 1, 33, 2),
+                                             align_corners=False)[:, 0, 0].numpy()
+    np.testing.assert_allclose(shared, theirs, atol=1e-6)
+
+
 def _reference_full_mask_loss(class_logits, mask_logits, target_masks, target_classes, weights):
     """Mask2Former's matcher and loss for one image on full masks, in float64 numpy with scipy's assignment."""
     class_w, mask_w, dice_w, no_object_w = weights
@@ -100,14 +121,16 @@ def test_full_mask_loss_equals_numpy_and_scipy(valid_slots):
     q, k, m, size = 6, 4, 5, 8
     class_logits = rng.normal(size=(q, k + 1)).astype(np.float32) * 2
     mask_logits = rng.normal(size=(q, size, size)).astype(np.float32) * 3
-    target_masks = (rng.random((m, size, size)) < 0.3).astype(np.float32)
     target_classes = np.full(m, -1, np.int32)
     target_classes[list(valid_slots)] = rng.integers(0, k, len(valid_slots))
+    target_ids = rng.integers(-1, m, (size, size)).astype(np.int32)
+    target_ids[target_classes[np.maximum(target_ids, 0)] < 0] = -1  # pixels of empty slots are void
+    target_masks = (target_ids[None] == np.arange(m)[:, None, None]).astype(np.float32)
     weights = (2.0, 5.0, 5.0, 0.1)
     ours = jax.jit(lambda *a: set_loss_sums(*a, class_weight=2.0, mask_weight=5.0, dice_weight=5.0,
                                             no_object_weight=0.1, num_points=0, oversample_ratio=3.0,
                                             importance_sample_ratio=0.75))(
-        jnp.asarray(class_logits), jnp.asarray(mask_logits), jnp.asarray(target_masks), jnp.asarray(target_classes),
+        jnp.asarray(class_logits), jnp.asarray(mask_logits), jnp.asarray(target_ids), jnp.asarray(target_classes),
         jax.random.key(0))
     if valid_slots:
         want = _reference_full_mask_loss(class_logits, mask_logits, target_masks, target_classes, weights)
@@ -126,11 +149,11 @@ def test_point_loss_approaches_the_full_mask_loss():
     rng = np.random.default_rng(3)
     class_logits = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
     mask_logits = jnp.asarray(np.repeat(np.repeat(rng.normal(size=(4, 4, 4)) * 2, 32, 1), 32, 2), jnp.float32)
-    target_masks = jnp.asarray(np.repeat(np.repeat(rng.random((2, 4, 4)) < 0.5, 32, 1), 32, 2), jnp.float32)
+    target_ids = jnp.asarray(np.repeat(np.repeat(rng.integers(-1, 2, (4, 4)), 32, 0), 32, 1), jnp.int32)
     classes = jnp.asarray([0, 1])
     kwargs = dict(class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1, oversample_ratio=1.0,
                   importance_sample_ratio=0.0)
-    loss = jax.jit(lambda points: set_loss_sums(class_logits, mask_logits, target_masks, classes, jax.random.key(0),
+    loss = jax.jit(lambda points: set_loss_sums(class_logits, mask_logits, target_ids, classes, jax.random.key(0),
                                                 num_points=points, **kwargs), static_argnums=0)
     full, sampled = loss(0), loss(20000)
     np.testing.assert_array_equal(sampled["matched"], full["matched"])
