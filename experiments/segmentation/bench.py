@@ -64,9 +64,11 @@ MIB = 2.0 ** 20
 
 # ------------------------------------------------------------------------------------------------ helpers
 def make_config(head: str, size: int = 64, *, large: bool = False, num_points: int | None = None,
-                remat: bool = False):
+                remat: bool = False, recipe: bool = False):
     """The built-in config of `head` (configs/eomt_builtin.py), optionally at `size`, ViT-S/8 depth 12 with 4
-    masked EoMT blocks (`large`), another num_points, or rematerialised backbone blocks."""
+    masked EoMT blocks (`large`), another num_points, rematerialised backbone blocks, or (`recipe`, mask2former)
+    Mask2Former's own decoder and query count: 100 queries, 9 layers of width 256 (8 heads, FFN 2048), and up to
+    100 target segments per image (COCO-like; M = 5 stuff + 95 instance slots)."""
     module = load_config_file(os.path.join(ROOT, "configs", "eomt_builtin.py"))
     c = module.segmentation_config(head, None if size == 64 else f"size={size}", f"configs/{head}_builtin.py")
     if large:
@@ -74,6 +76,9 @@ def make_config(head: str, size: int = 64, *, large: bool = False, num_points: i
         c.model.depth = 12
         if head == "eomt":
             c.model.num_mask_blocks = 4
+    if recipe:
+        c.model.update(num_queries=100, decoder_layers=9, decoder_dim=256, decoder_heads=8, decoder_mlp_dim=2048)
+        c.segmentation.max_instances = 95
     if num_points is not None:
         c.segmentation.num_points = num_points
     c.model.remat = remat
@@ -218,10 +223,19 @@ def _step_fn(task):
     return jax.jit(jax.value_and_grad(lambda p, b: task.loss(p, b, key, True, step)[0]))
 
 
-def bench_memory(sizes: tuple, m2f_sizes: tuple, split_sizes: tuple, remat: bool) -> dict:
+def bench_memory(sizes: tuple, m2f_sizes: tuple, split_sizes: tuple, remat: bool,
+                 recipe_sizes: tuple = ()) -> dict:
     """Lower every case (main thread), compile two at a time, read memory_analysis."""
     batch = MEMORY_BATCH
     lowered, cases = {}, {}
+    for size in recipe_sizes:  # Mask2Former's regime: many queries, slots and supervised layers.
+        for pts in (12544 if 12544 < size * size else 1024, 0):
+            config = make_config("mask2former", size, num_points=pts, recipe=True)
+            task = get_task(config.task)(config)
+            name = f"step/mask2former-recipe/{size}/{pts}"
+            lowered[name] = _step_fn(task).lower(param_shapes(task, size), shape_batch(size, batch))
+            cases[name] = {"kind": "step", "head": "mask2former-recipe", "size": size, "num_points": pts,
+                           "remat": False, "config": describe(config) + ", 100 target slots"}
     for size in sizes:
         points = [1024] + ([12544] if 12544 < size * size else []) + [0]
         for head in ("eomt", "mask2former"):
@@ -759,8 +773,16 @@ def memory_analysis_text(memory: dict) -> str:
     parts.append("So point sampling does shrink the loss's own memory when num_points is well below the pixel "
                  "count, but the step's peak is set by the model's activations (attention scores of the ViT "
                  "blocks, EoMT's stride-4 upscaled features computed before each of its supervised predictions, "
-                 "MLP activations), which the loss does not touch; the one-hot targets [B, M, H, W] are built in "
-                 "both variants. See the single-array sizes above.")
+                 "MLP activations), which the loss does not touch. The point path builds no full-resolution target "
+                 "masks (it reads each point's 4 corner ids from the [B, H, W] id map); the full-mask path compares "
+                 "[B, M, H*W] one-hot targets with [B, Q, H*W] upsampled logits per supervised prediction. See the "
+                 "single-array sizes above.")
+    recipe = [r for r in steps if r["head"] == "mask2former-recipe"]
+    if recipe:
+        parts.append("In Mask2Former's own regime (mask2former-recipe rows: 100 queries, 9 decoder layers, so 10 "
+                     "supervised predictions, and 100 target slots) the loss dominates instead: point/full peak " +
+                     ", ".join(f"{r['peak_ratio']:.2f} at {r['size']}x{r['size']} ({r['num_points']} points)"
+                               for r in recipe) + ".")
     return "What dominates: " + " ".join(p for p in parts if p)
 
 
@@ -775,6 +797,8 @@ def main() -> None:
                         "compiled too (256x256 takes minutes more)")
     parser.add_argument("--memory-split-sizes", default="256", help="sizes of the model-alone / loss-alone rows")
     parser.add_argument("--no-remat", action="store_true", help="skip the model-alone row with model.remat=True")
+    parser.add_argument("--recipe-memory-sizes", default="128,256", help="sizes of the Mask2Former-recipe rows "
+                        "(100 queries, 9 decoder layers, 100 target slots)")
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
     sizes = (64, 128) if args.quick else tuple(int(s) for s in args.memory_sizes.split(","))
@@ -794,8 +818,9 @@ def main() -> None:
             out = bench_speed(repeats, tuple(int(b) for b in args.large_batches.split(",")), (1, 32))
         elif section == "memory":
             out = bench_memory(sizes, tuple(int(s) for s in args.m2f_memory_sizes.split(",")),
-                               split_sizes=split_sizes,
-                               remat=not args.no_remat)
+                               split_sizes=split_sizes, remat=not args.no_remat,
+                               recipe_sizes=() if args.quick else tuple(
+                                   int(s) for s in args.recipe_memory_sizes.split(",") if s))
             out["analysis"] = memory_analysis_text(out)
         elif section == "empty":
             out = bench_empty()
