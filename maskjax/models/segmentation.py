@@ -11,7 +11,9 @@ mask logit map each; they differ in where the queries live:
 
 Both return `(outputs, aux)` with outputs = {'class_logits' [B, Q, K+1], 'mask_logits' [B, Q, h, w] (h, w: the
 mask resolution, stride 4 of the image for EoMT; the pyramid's finest level for Mask2Former), 'layers': a list of
-earlier predictions {'class_logits', 'mask_logits'} for deep supervision (empty when none were made)}.
+earlier predictions {'class_logits', 'mask_logits'} for deep supervision (empty when none were made)}. With
+`semantic_head=True` (ReMaX's ReMask, a training aid) every prediction also carries 'semantic_logits' [B, h, w, K]:
+a linear classifier on the pixel features its masks are made from.
 The per-pixel baseline returns {'semantic_logits' [B, gh, gw, K]} on the patch grid.
 """
 
@@ -146,6 +148,7 @@ class EoMT(ViT):
     num_mask_blocks: int = 4
     num_seg_classes: int = 10
     num_upscale: Optional[int] = None  # 2x upscalers of the mask features; None = `num_upscale_blocks(patch)`.
+    semantic_head: bool = False  # ReMaX's ReMask: semantic logits from each prediction's pixel features.
 
     def setup(self):
         super().setup()
@@ -165,15 +168,21 @@ class EoMT(ViT):
         self.upscale = [ScaleBlock(self.layer_norm_eps, self.dtype, name=f"upscale_{i}")
                         for i in range(num_upscale_blocks(patch) if self.num_upscale is None else self.num_upscale)]
         self.mask_head = MaskHead(self.num_seg_classes, "gelu", self.dtype, name="mask_head")
+        if self.semantic_head:
+            self.semantic = _dense(self.num_seg_classes, "semantic_head", self.dtype, ("embed", "classes"))
 
-    def _predict(self, tokens: jax.Array, grid: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    def _predict(self, tokens: jax.Array, grid: tuple[int, int]) -> dict:
         normed, _ = self.encoder(tokens, blocks=(self.depth, self.depth), final_norm=True)
         queries = normed[:, :self.num_queries]
         patches = normed[:, self.num_queries + self.num_prefix_tokens:]
         pixels = patches.reshape(patches.shape[0], *grid, patches.shape[-1])
         for block in self.upscale:
             pixels = block(pixels)
-        return self.mask_head(queries, pixels)
+        class_logits, mask_logits = self.mask_head(queries, pixels)
+        out = {"class_logits": class_logits, "mask_logits": mask_logits}
+        if self.semantic_head:
+            out["semantic_logits"] = self.semantic(pixels).astype(jnp.float32)
+        return out
 
     def _attention_mask(self, mask_logits: jax.Array, grid: tuple[int, int], keep_prob: jax.Array,
                         tokens: int) -> jax.Array:
@@ -202,14 +211,12 @@ class EoMT(ViT):
         for i in range(first_masked, self.depth):
             mask = None
             if mask_probs is not None:
-                class_logits, mask_logits = self._predict(x, grid)
-                layers.append({"class_logits": class_logits, "mask_logits": mask_logits})
-                mask = self._attention_mask(jax.lax.stop_gradient(mask_logits), grid,
+                layers.append(self._predict(x, grid))
+                mask = self._attention_mask(jax.lax.stop_gradient(layers[-1]["mask_logits"]), grid,
                                             mask_probs[i - first_masked], x.shape[1])
             x, block_aux = self.encoder(x, mask=mask, train=train, blocks=(i, i + 1), final_norm=False)
             aux.update(block_aux)
-        class_logits, mask_logits = self._predict(x, grid)
-        return {"class_logits": class_logits, "mask_logits": mask_logits, "layers": layers}, aux
+        return {**self._predict(x, grid), "layers": layers}, aux
 
 
 class FeaturePyramid(nn.Module):
@@ -380,6 +387,7 @@ class Mask2FormerStyle(nn.Module):
     mask_scale: float = 2.0
     masked_attention: bool = True
     empty_mask_rule: str = "attend_all"
+    semantic_head: bool = False  # ReMaX's ReMask: semantic logits from the mask features.
     dtype: Dtype = jnp.float32
     attention: AttentionOptions = AttentionOptions()
 
@@ -396,7 +404,13 @@ class Mask2FormerStyle(nn.Module):
             self.num_seg_classes, self.num_queries, self.num_heads, self.mlp_dim, self.num_layers,
             self.masked_attention, self.empty_mask_rule, self.dtype, self.attention, name="decoder")(
                 levels, mask_features)
-        return {"class_logits": class_logits, "mask_logits": mask_logits, "layers": layers}, backbone_aux
+        outputs = {"class_logits": class_logits, "mask_logits": mask_logits, "layers": layers}
+        if self.semantic_head:  # one map: every prediction's masks come from the same mask features
+            semantic = _dense(self.num_seg_classes, "semantic_head", self.dtype, ("embed", "classes"))(mask_features)
+            semantic = semantic.astype(jnp.float32)
+            outputs["semantic_logits"] = semantic
+            outputs["layers"] = [{**layer, "semantic_logits": semantic} for layer in layers]
+        return outputs, backbone_aux
 
 
 class PerPixel(nn.Module):

@@ -109,15 +109,16 @@ def _backbone(m: ml_collections.ConfigDict):
 def _build(config: ml_collections.ConfigDict):
     m = config.model
     if m.name == "eomt":
-        return EoMT(**_vit_kwargs(m), num_queries=m.num_queries,
-                    num_mask_blocks=m.num_mask_blocks, num_seg_classes=m.num_classes)
+        return EoMT(**_vit_kwargs(m), num_queries=m.num_queries, num_mask_blocks=m.num_mask_blocks,
+                    num_seg_classes=m.num_classes, semantic_head=config.segmentation.remask)
     if m.name == "mask2former":
         attention, _ = attention_from_config(m.attention)
         return Mask2FormerStyle(backbone=_backbone(m), num_seg_classes=m.num_classes, num_queries=m.num_queries,
                                 dim=m.decoder_dim, num_heads=m.decoder_heads, mlp_dim=m.decoder_mlp_dim,
                                 num_layers=m.decoder_layers, scales=tuple(m.pyramid_scales),
                                 mask_scale=float(m.mask_scale), masked_attention=m.masked_attention,
-                                empty_mask_rule=m.empty_mask_rule, dtype=jnp.dtype(m.dtype),
+                                empty_mask_rule=m.empty_mask_rule, semantic_head=config.segmentation.remask,
+                                dtype=jnp.dtype(m.dtype),
                                 # The decoder's attention: the backbone's backend (approx layers are backbone blocks).
                                 attention=dataclasses.replace(attention, approx_layers=None))
     return PerPixel(backbone=_backbone(m), num_seg_classes=m.num_classes, dtype=jnp.dtype(m.dtype))
@@ -254,11 +255,21 @@ def _mask_terms(pred_logits: jax.Array, target: jax.Array) -> tuple[jax.Array, j
 def set_loss_sums(class_logits: jax.Array, mask_logits: jax.Array, target_ids: jax.Array,
                   target_classes: jax.Array, rng: jax.Array, *, class_weight: float, mask_weight: float,
                   dice_weight: float, no_object_weight: float, num_points: int, oversample_ratio: float,
-                  importance_sample_ratio: float) -> dict[str, jax.Array]:
+                  importance_sample_ratio: float, semantic_probs: Optional[jax.Array] = None,
+                  semantic_labels: Optional[jax.Array] = None, reclass_eta: float = 0.0) -> dict[str, jax.Array]:
     """Matching and loss of one image's prediction (sums; normalised by the caller over the global batch).
 
     class_logits [Q, K+1]; mask_logits [Q, h, w]; target_ids int [H, W]: the target slot of each pixel (-1 = void),
-    so slot m's mask is `target_ids == m`; target_classes int [M] (-1 = empty slot). Returns {'class_ce': sum of weighted CE, 'class_weight': sum of weights, 'mask_bce',
+    so slot m's mask is `target_ids == m`; target_classes int [M] (-1 = empty slot).
+
+    ReMaX's relaxations (training aids; off by default):
+      ReMask, `semantic_probs` float [h, w, K] (sigmoid of a semantic head, no gradient): the mask logits become
+        M * (1 + R), R[q] = sum_k sigmoid(class_logits[q, k]) * semantic_probs[..., k] (no gradient through R),
+        for the matching and the mask terms.
+      ReClass, `reclass_eta` > 0 with `semantic_labels` int [h, w] (category per pixel at the mask resolution,
+        void outside [0, K)): the class target of query q becomes eta * W[q] + (1 - eta * W[q]) * onehot(target),
+        W[q, k] = sum of sigmoid(mask q) over class k's pixels / class k's pixel count (the mask before ReMask, no
+        gradient; 0 for "no object"); the cross-entropy is taken against these soft targets. Returns {'class_ce': sum of weighted CE, 'class_weight': sum of weights, 'mask_bce',
     'mask_dice': sums over matched pairs, 'num_masks', 'matched': query index per slot [M] (-1 = none)}.
     """
     chex.assert_rank([class_logits, mask_logits, target_ids, target_classes], [2, 3, 2, 1])
@@ -267,6 +278,12 @@ def set_loss_sums(class_logits: jax.Array, mask_logits: jax.Array, target_ids: j
     slots = jnp.arange(num_slots)[:, None]
     valid = target_classes >= 0
     k_match, k_over, k_rand = jax.random.split(rng, 3)
+    mask_probs = jax.nn.sigmoid(jax.lax.stop_gradient(mask_logits))  # ReClass reads the masks before ReMask
+    if semantic_probs is not None:
+        chex.assert_shape(semantic_probs, mask_logits.shape[1:] + (num_classes,))
+        class_probs = jax.nn.sigmoid(jax.lax.stop_gradient(class_logits[:, :num_classes]))
+        mask_logits = mask_logits * (1.0 + jnp.einsum("qk,hwk->qhw", class_probs,
+                                                      jax.lax.stop_gradient(semantic_probs)))
     if num_points > 0:
         points = jax.random.uniform(k_match, (num_points, 2))
         pred_points = point_sample(mask_logits, points)
@@ -285,7 +302,16 @@ def set_loss_sums(class_logits: jax.Array, mask_logits: jax.Array, target_ids: j
     target_per_query = target_per_query.at[jnp.where(matched_valid, matched, num_queries)].set(
         target_classes, mode="drop")
     weights = jnp.where(target_per_query == num_classes, no_object_weight, 1.0)
-    ce = -jnp.take_along_axis(jax.nn.log_softmax(class_logits, -1), target_per_query[:, None], axis=-1)[:, 0]
+    log_probs = jax.nn.log_softmax(class_logits, -1)
+    if reclass_eta > 0:
+        chex.assert_shape(semantic_labels, mask_logits.shape[1:])
+        pixels_of = jax.nn.one_hot(semantic_labels, num_classes)  # [h, w, K]; void -> no class
+        cover = jnp.einsum("qhw,hwk->qk", mask_probs, pixels_of) / (jnp.sum(pixels_of, (0, 1)) + 1e-5)
+        cover = jnp.pad(cover, ((0, 0), (0, 1)))  # "no object" has no pixels
+        hard = jax.nn.one_hot(target_per_query, num_classes + 1)
+        ce = -jnp.sum((reclass_eta * cover + (1.0 - reclass_eta * cover) * hard) * log_probs, axis=-1)
+    else:
+        ce = -jnp.take_along_axis(log_probs, target_per_query[:, None], axis=-1)[:, 0]
 
     pred = mask_logits[jnp.maximum(matched, 0)]  # [M, h, w]
     if num_points > 0:
@@ -307,6 +333,23 @@ def set_loss_sums(class_logits: jax.Array, mask_logits: jax.Array, target_ids: j
     return {"class_ce": jnp.sum(weights * ce), "class_weight": jnp.sum(weights),
             "mask_bce": jnp.sum(bce * use), "mask_dice": jnp.sum(dice * use),
             "num_masks": jnp.sum(valid.astype(jnp.float32)), "matched": matched}
+
+
+def labels_at(semantic: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Category maps int [B, H, W] read at the pixel centres of an [h, w] grid (nearest) -> [B, h, w]."""
+    height, width = semantic.shape[1:]
+    rows = jnp.floor((jnp.arange(size[0]) + 0.5) * height / size[0]).astype(jnp.int32)
+    cols = jnp.floor((jnp.arange(size[1]) + 0.5) * width / size[1]).astype(jnp.int32)
+    return semantic[:, rows][:, :, cols]
+
+
+def _semantic_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of logits [B, h, w, K] over the non-void pixels of labels int [B, h, w]."""
+    num_classes = logits.shape[-1]
+    known = (labels >= 0) & (labels < num_classes)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.clip(labels, 0, num_classes - 1)[..., None],
+                              axis=-1)[..., 0]
+    return jnp.sum(jnp.where(known, ce, 0.0)) / jnp.maximum(jnp.sum(known), 1)
 
 
 def annealing_probs(step: jax.Array, total_steps: int, num_blocks: int, mode: str) -> jax.Array:
@@ -419,6 +462,10 @@ class SegmentationTask(_SegmentationBase):
         c.oversample_ratio = 3.0  # Importance sampling: candidates per kept point (Mask2Former: 3).
         c.importance_sample_ratio = 0.75  # Share of kept points that are the most uncertain (Mask2Former: 0.75).
         c.deep_supervision = True  # The loss on every earlier prediction too.
+        # ReMaX's training relaxations (Sun et al. 2023); inference is unchanged.
+        c.remask = False  # ReMask: a semantic head on the pixel features relaxes the earlier predictions' masks.
+        c.remask_weight = 1.0  # Weight of that semantic head's cross-entropy (ReMaX: 1).
+        c.reclass_eta = 0.0  # ReClass: soft class targets, eta x each class's covered area share (ReMaX: 0.1).
         _crop_section(c)
         c.object_mask_threshold = 0.8  # Panoptic inference: keep a query if its class score > this.
         c.overlap_threshold = 0.8  # Panoptic inference: drop a segment keeping less than this share of its mask.
@@ -447,6 +494,13 @@ class SegmentationTask(_SegmentationBase):
             raise ValueError(f"config.segmentation.num_points={c.num_points!r}: must be >= 0 (0 = full masks)")
         if c.oversample_ratio < 1.0:
             raise ValueError(f"config.segmentation.oversample_ratio={c.oversample_ratio!r}: must be >= 1")
+        if not 0.0 <= c.reclass_eta <= 1.0:
+            raise ValueError(f"config.segmentation.reclass_eta={c.reclass_eta!r}: must be in [0, 1] (0 = off)")
+        if c.remask_weight < 0:
+            raise ValueError(f"config.segmentation.remask_weight={c.remask_weight!r}: must be >= 0")
+        if c.remask and not c.deep_supervision:
+            raise ValueError("config.segmentation.remask=True relaxes the earlier (deeply supervised) predictions: "
+                             "it needs config.segmentation.deep_supervision=True")
         _validate_crop(c, "segmentation")
 
     def __init__(self, config: ml_collections.ConfigDict, *, load_params: Optional[Callable] = None):
@@ -505,11 +559,19 @@ class SegmentationTask(_SegmentationBase):
         options = dict(class_weight=c.class_weight, mask_weight=c.mask_weight, dice_weight=c.dice_weight,
                        no_object_weight=c.no_object_weight, num_points=c.num_points,
                        oversample_ratio=c.oversample_ratio, importance_sample_ratio=c.importance_sample_ratio)
-        total, metrics = 0.0, {}
+        reclass_eta, remask_weight = float(c.reclass_eta), float(c.remask_weight)
+        semantic_maps = [outputs.get("semantic_logits")] + [p.get("semantic_logits") for p in outputs["layers"]]
+        total, metrics, semantic_ce = 0.0, {}, []
         for index, (class_logits, mask_logits) in enumerate(predictions):
             keys = jax.random.split(jax.random.fold_in(point_rng, index), image.shape[0])
-            sums = jax.vmap(lambda cl, ml, ti, tc, k: set_loss_sums(cl, ml, ti, tc, k, **options))(
-                class_logits, mask_logits, ids, classes, keys)
+            labels = labels_at(semantic, mask_logits.shape[2:]) if reclass_eta > 0 or c.remask else None
+            relax = None
+            if c.remask and index > 0:  # ReMask: earlier predictions only; the final one is what inference uses
+                relax = jax.nn.sigmoid(semantic_maps[index])
+                semantic_ce.append(_semantic_cross_entropy(semantic_maps[index], labels))
+            sums = jax.vmap(lambda cl, ml, ti, tc, k, sp, sl: set_loss_sums(
+                cl, ml, ti, tc, k, **options, semantic_probs=sp, semantic_labels=sl, reclass_eta=reclass_eta))(
+                    class_logits, mask_logits, ids, classes, keys, relax, labels)
             # Sums over the global batch: num_masks counts every device's and host's targets.
             num_masks = jnp.maximum(jnp.sum(sums["num_masks"]), 1.0)
             class_loss = jnp.sum(sums["class_ce"]) / jnp.maximum(jnp.sum(sums["class_weight"]), 1e-6)
@@ -520,6 +582,9 @@ class SegmentationTask(_SegmentationBase):
             if index == 0:
                 metrics.update(class_loss=class_loss, mask_bce=bce, mask_dice=dice, final_loss=layer_loss,
                                masks_per_image=jnp.sum(sums["num_masks"]) / image.shape[0])
+        if semantic_ce:
+            metrics["remask_semantic_ce"] = sum(semantic_ce) / len(semantic_ce)
+            total = total + remask_weight * sum(semantic_ce)
         if self.head == "eomt" and train:
             probs = annealing_probs(step if step is not None else 0, self.config.total_steps,
                                     self.model.num_mask_blocks, self.config.model.mask_annealing)

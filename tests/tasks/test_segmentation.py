@@ -86,12 +86,20 @@ def test_slot_masks_sampled_from_the_id_map_equal_torch_grid_sample_of_the_masks
     np.testing.assert_allclose(shared, theirs, atol=1e-6)
 
 
-def _reference_full_mask_loss(class_logits, mask_logits, target_masks, target_classes, weights):
-    """Mask2Former's matcher and loss for one image on full masks, in float64 numpy with scipy's assignment."""
+def _reference_full_mask_loss(class_logits, mask_logits, target_masks, target_classes, weights,
+                              semantic_probs=None, semantic_labels=None, eta=0.0):
+    """Mask2Former's matcher and loss for one image on full masks, in float64 numpy with scipy's assignment; with
+    ReMaX's ReMask (semantic_probs [h, w, K]) and ReClass (eta, semantic_labels [h, w]) as the ReMaX port
+    xushilin1/remax_deeplab computes them (kmax_deeplab_head.py, _loss_by_feat_single)."""
     class_w, mask_w, dice_w, no_object_w = weights
     q, kp1 = class_logits.shape
     valid = np.flatnonzero(target_classes >= 0)
-    logits = mask_logits.reshape(q, -1).astype(np.float64)
+    raw = mask_logits.reshape(q, -1).astype(np.float64)
+    logits = raw
+    if semantic_probs is not None:
+        sigmoid_classes = 1 / (1 + np.exp(-class_logits[:, :kp1 - 1].astype(np.float64)))
+        relax = sigmoid_classes @ semantic_probs.reshape(-1, kp1 - 1).T.astype(np.float64)  # [q, h*w]
+        logits = raw + raw * relax
     targets = target_masks.reshape(len(target_masks), -1).astype(np.float64)[valid]
     probs = np.exp(class_logits - class_logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -107,6 +115,12 @@ def _reference_full_mask_loss(class_logits, mask_logits, target_masks, target_cl
     w = np.where(target_per_query == kp1 - 1, no_object_w, 1.0)
     log_probs = np.log(probs)
     ce = -log_probs[np.arange(q), target_per_query]
+    if eta > 0:
+        onehot_sem = (semantic_labels.reshape(-1, 1) == np.arange(kp1 - 1)).astype(np.float64)  # void: no class
+        cover = (1 / (1 + np.exp(-raw))) @ onehot_sem / (onehot_sem.sum(0) + 1e-5)  # [q, K]
+        cover = np.concatenate([cover, np.zeros((q, 1))], axis=1)
+        hard = np.eye(kp1)[target_per_query]
+        ce = -np.sum((eta * cover + (1 - eta * cover) * hard) * log_probs, axis=1)
     bce = np.mean(softplus(logits[rows]) - logits[rows] * targets[cols], axis=-1)
     dice = 1 - (2 * (sig[rows] * targets[cols]).sum(-1) + 1) / (sig[rows].sum(-1) + targets[cols].sum(-1) + 1)
     matched = np.full(len(target_classes), -1)
@@ -141,6 +155,41 @@ def test_full_mask_loss_equals_numpy_and_scipy(valid_slots):
     for key in ("class_ce", "class_weight", "mask_bce", "mask_dice", "num_masks"):
         np.testing.assert_allclose(float(ours[key]), want[key], rtol=1e-4, atol=1e-5, err_msg=key)
     np.testing.assert_array_equal(np.asarray(ours["matched"]), want["matched"])
+
+
+def test_remax_relaxations_equal_numpy_reference():
+    # ReMask changes the matching (relaxed logits) and the mask terms; ReClass the class term. One random image,
+    # full masks, against the float64 reference above.
+    rng = np.random.default_rng(7)
+    q, k, m, size = 6, 4, 5, 8
+    class_logits = rng.normal(size=(q, k + 1)).astype(np.float32) * 2
+    mask_logits = rng.normal(size=(q, size, size)).astype(np.float32) * 3
+    target_classes = np.asarray([0, 2, -1, 3, 1], np.int32)
+    target_ids = rng.integers(-1, m, (size, size)).astype(np.int32)
+    target_ids[target_classes[np.maximum(target_ids, 0)] < 0] = -1
+    target_masks = (target_ids[None] == np.arange(m)[:, None, None]).astype(np.float32)
+    semantic_probs = rng.random((size, size, k)).astype(np.float32)
+    semantic_labels = rng.integers(0, k, (size, size)).astype(np.int32)
+    semantic_labels[:2, :3] = k  # void pixels (>= K) count for no class
+    for remask, eta in ((True, 0.0), (False, 0.1), (True, 0.1)):
+        ours = set_loss_sums(jnp.asarray(class_logits), jnp.asarray(mask_logits), jnp.asarray(target_ids),
+                             jnp.asarray(target_classes), jax.random.key(0), class_weight=2.0, mask_weight=5.0,
+                             dice_weight=5.0, no_object_weight=0.1, num_points=0, oversample_ratio=3.0,
+                             importance_sample_ratio=0.75,
+                             semantic_probs=jnp.asarray(semantic_probs) if remask else None,
+                             semantic_labels=jnp.asarray(semantic_labels), reclass_eta=eta)
+        want = _reference_full_mask_loss(class_logits, mask_logits, target_masks, target_classes,
+                                         (2.0, 5.0, 5.0, 0.1), semantic_probs if remask else None, semantic_labels,
+                                         eta)
+        for key in ("class_ce", "class_weight", "mask_bce", "mask_dice", "num_masks"):
+            np.testing.assert_allclose(float(ours[key]), want[key], rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{key}, remask={remask}, eta={eta}")
+        np.testing.assert_array_equal(np.asarray(ours["matched"]), want["matched"])
+    plain = set_loss_sums(jnp.asarray(class_logits), jnp.asarray(mask_logits), jnp.asarray(target_ids),
+                          jnp.asarray(target_classes), jax.random.key(0), class_weight=2.0, mask_weight=5.0,
+                          dice_weight=5.0, no_object_weight=0.1, num_points=0, oversample_ratio=3.0,
+                          importance_sample_ratio=0.75)
+    assert abs(float(plain["mask_bce"]) - float(ours["mask_bce"])) > 1e-3  # the relaxation changed something
 
 
 def test_point_loss_approaches_the_full_mask_loss():
@@ -246,7 +295,9 @@ def small_config(head="eomt", **overrides):
 # The set loss is shared by both mask heads (one suffices; the Mask2Former-style head trains in the config tests).
 @pytest.mark.parametrize("head", ["eomt", "perpixel"])
 def test_loss_is_finite_when_a_crop_empties_every_mask(head):
-    c = small_config(head)
+    # EoMT with ReMaX's relaxations on: no known pixel for the semantic head nor for ReClass's class areas.
+    c = small_config(head, **({"segmentation__remask": True, "segmentation__reclass_eta": 0.1}
+                              if head == "eomt" else {}))
     task = make_task(c)
     batch = {"image": jnp.zeros((2, 16, 16, 3)), "semantic": jnp.full((2, 16, 16), -1, jnp.int32),
              "instance": jnp.zeros((2, 16, 16), jnp.int32)}
@@ -255,9 +306,15 @@ def test_loss_is_finite_when_a_crop_empties_every_mask(head):
                                                                  jnp.int32(0))[0]))(params)
     assert np.isfinite(float(loss))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
+    if head == "eomt":
+        assert "semantic_head" in grads
 
 
 def test_bad_input_is_named_before_compute():
+    with pytest.raises(ValueError, match="reclass_eta=1.5"):
+        validate(small_config(segmentation__reclass_eta=1.5), 1)
+    with pytest.raises(ValueError, match="deep_supervision"):
+        validate(small_config(segmentation__remask=True, segmentation__deep_supervision=False), 1)
     with pytest.raises(ValueError, match="num_queries=6"):
         validate(small_config(model__num_queries=6), 1)  # 5 stuff + 4 instances > 6 queries
     for key in ("object_mask_threshold", "overlap_threshold"):
