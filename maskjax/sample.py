@@ -11,7 +11,6 @@ The run's config.json gives the task ('maskgit', 'm2t' or 'autoregressive') and 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -47,9 +46,6 @@ def main(argv: list[str]) -> None:
     del argv
     if not _WORKDIR.value:
         sys.exit("Error: --workdir is required")
-    path = os.path.join(_WORKDIR.value, "config.json")
-    if not os.path.exists(path):
-        sys.exit(f"Error: --workdir={_WORKDIR.value!r} has no config.json (not a maskjax run)")
     if _NUM.value < 1 or _BATCH.value < 1:
         sys.exit(f"Error: --num={_NUM.value} and --batch_size={_BATCH.value} must be >= 1")
 
@@ -58,22 +54,14 @@ def main(argv: list[str]) -> None:
 
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
     from PIL import Image
 
-    from maskjax.tasks import make_task
     from maskjax.tasks.tokenizer import image_grid
-    from maskjax.train.checkpoint import load_params
+    from maskjax.train.checkpoint import load_run
 
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    if config.task not in GENERATORS:
-        sys.exit(f"Error: --workdir={_WORKDIR.value!r} is a run of task {config.task!r}; sampling needs one of "
-                 f"{GENERATORS}")
     try:
-        task = make_task(config, load_params=load_params)
-        params, step = load_params(_WORKDIR.value, _STEP.value, "", config_key="sample")
+        config, task, params, step = load_run(_WORKDIR.value, _STEP.value, GENERATORS, "sample")
         labels = _labels(_NUM.value, _CLASS.value, config.model.num_classes, task.model.null_class)
         sampling = {}
         if _STEPS.value and not 1 <= _STEPS.value <= task.num_tokens:

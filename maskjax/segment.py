@@ -13,7 +13,6 @@ Writes `<out>/overlay.png` (one row per image: image | ground truth | prediction
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -47,9 +46,6 @@ def main(argv: list[str]) -> None:
     del argv
     if not _WORKDIR.value:
         sys.exit("Error: --workdir is required")
-    path = os.path.join(_WORKDIR.value, "config.json")
-    if not os.path.exists(path):
-        sys.exit(f"Error: --workdir={_WORKDIR.value!r} has no config.json (not a maskjax run)")
     if _NUM.value < 1:
         sys.exit(f"Error: --num={_NUM.value} must be >= 1")
 
@@ -58,22 +54,14 @@ def main(argv: list[str]) -> None:
 
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
     from PIL import Image
 
     from maskjax.data import pipeline
-    from maskjax.tasks import make_task
-    from maskjax.train.checkpoint import load_params
+    from maskjax.train.checkpoint import load_run
 
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    if config.task not in TASKS:
-        sys.exit(f"Error: --workdir={_WORKDIR.value!r} is a run of task {config.task!r}; segmenting needs one of "
-                 f"{TASKS}")
     try:
-        task = make_task(config, load_params=load_params)
-        params, step = load_params(_WORKDIR.value, _STEP.value, "", config_key="segment")
+        config, task, params, step = load_run(_WORKDIR.value, _STEP.value, TASKS, "segment")
         data = config.data
         source = pipeline.make_source(data.name, data.eval_split, seed=data.seed, image_size=data.image_size,
                                       data_dir=data.data_dir or None)

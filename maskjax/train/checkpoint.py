@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -319,6 +319,27 @@ def load_params(workdir: str, step: int = -1, params_key: str = "", *, config_ke
                              f"parameters (top-level keys: {sorted(loaded)})")
         loaded = loaded[part]
     return loaded, step
+
+
+def load_run(workdir: str, step: int, tasks: Sequence[str], command: str) -> tuple:
+    """(config, task, numpy params, step) of the trained run in `workdir` at checkpoint `step` (-1 = latest), for a
+    command that works on runs of `tasks` only. ValueErrors name the workdir: not a run, another task, no or a
+    damaged checkpoint."""
+    import ml_collections
+
+    from maskjax.tasks import make_task
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"--workdir={workdir!r} has no config.json (not a maskjax run)")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.task not in tasks:
+        raise ValueError(f"--workdir={workdir!r} is a run of task {config.task!r}; maskjax.{command} works on "
+                         f"runs of {tuple(tasks)}")
+    task = make_task(config, load_params=load_params)
+    params, step = load_params(workdir, step, "", config_key=command)
+    return config, task, params, step
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -1,6 +1,7 @@
 """Fine-tuning from another run: an MAE encoder loads into a classifier (head and missing parts keep their init),
 on another mesh; mismatches are named."""
 
+import json
 import re
 
 import flax
@@ -63,3 +64,12 @@ def test_mismatched_checkpoints_are_named(tmp_path, mae_run, overrides, message)
     c = quiet(vit_builtin.get_config("runlocal"), **dict(settings, **overrides))
     with pytest.raises(ValueError, match=re.escape(message)):
         Trainer(c, str(tmp_path)).initial_state()
+
+
+def test_commands_name_a_workdir_that_is_not_a_run_of_their_task(tmp_path):
+    with pytest.raises(ValueError, match="has no config.json"):
+        ckpt_lib.load_run(str(tmp_path), -1, ("segmentation",), "segment")
+    (tmp_path / "config.json").write_text(json.dumps({"task": "classification"}))
+    with pytest.raises(ValueError, match="is a run of task 'classification'; maskjax.segment works on runs of "
+                                         r"\('segmentation',\)"):
+        ckpt_lib.load_run(str(tmp_path), -1, ("segmentation",), "segment")
