@@ -16,43 +16,23 @@ shorter, unverified), no instances (segmentation.max_instances=0).
 
 import ml_collections
 
-from maskjax.train.config import base_config, parse_config_arg
+from maskjax.train.config import load_config_file, parse_config_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_config_arg(arg, ("runlocal",), "configs/eomt_ade20k.py")
-    c = base_config("segmentation", "eomt")
+    runlocal = parse_config_arg(arg, ("runlocal",), "configs/eomt_ade20k.py").get("runlocal")
+    c = load_config_file("eomt_coco_panoptic.py", next_to=__file__).get_config(arg)
     c.data.name = "tfds:scene_parse150"
-    c.data.image_size = 512
-    c.data.eval_split = "validation"
-    c.data.augment = False
-    c.model.variant = "L/16"
-    c.model.num_registers = 4
-    c.model.layer_scale_init = 1e-5
-    c.model.drop_path_rate = 0.0
     c.model.num_classes = 150
     c.model.num_queries = 150  # >= the 150 stuff slots
-    c.model.num_mask_blocks = 4
-    c.model.dtype = "bfloat16"
     c.segmentation.num_stuff_classes = 150
     c.segmentation.max_instances = 0
-    c.segmentation.num_points = 12544
-    c.segmentation.crop_scale = (0.25, 1.0)
-    c.batch_size = 16
     c.total_steps = 40_000
-    c.optimizer.learning_rate = 1e-4
-    c.optimizer.weight_decay = 0.05
-    c.optimizer.warmup_steps = 500
     c.evals.eval.every = 4000
     c.evals.eval.examples = 2000
-    c.checkpoint_every = 2000
-    if args.get("runlocal"):
-        c.data.image_size = 32
-        c.model.variant = "mu/8"
-        c.model.num_registers = 0
-        c.model.num_mask_blocks = 1
-        c.model.dtype = "float32"
+    if runlocal:  # the recipe's tiny variant (its image size, 2 steps, 8 eval examples)
         c.total_steps = 2
-        c.optimizer.warmup_steps = 1
         c.evals.eval.examples = 8
+    else:
+        c.data.image_size = 512
     return c
