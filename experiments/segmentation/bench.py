@@ -797,7 +797,7 @@ def main() -> None:
                         "compiled too (256x256 takes minutes more)")
     parser.add_argument("--memory-split-sizes", default="256", help="sizes of the model-alone / loss-alone rows")
     parser.add_argument("--no-remat", action="store_true", help="skip the model-alone row with model.remat=True")
-    parser.add_argument("--recipe-memory-sizes", default="128,256", help="sizes of the Mask2Former-recipe rows "
+    parser.add_argument("--recipe-memory-sizes", default="128,256,512", help="sizes of the Mask2Former-recipe rows "
                         "(100 queries, 9 decoder layers, 100 target slots)")
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats

@@ -202,8 +202,9 @@ def random_resized_crop(rng: jax.Array, image: jax.Array, maps: Sequence[jax.Arr
 
 # --------------------------------------------------------------------------------------------------- loss
 def _bilinear_corners(points: jax.Array, height: int, width: int):
-    """The 4 (row, col, weight) corners of PyTorch's `grid_sample(align_corners=False)` at points [..., 2]
-    ((y, x) in [0, 1]); a corner outside the image has weight 0 (zero padding) and clipped indices."""
+    """The 4 (flat index row * width + col, weight) corners of PyTorch's `grid_sample(align_corners=False)` at
+    points [..., 2] ((y, x) in [0, 1]); a corner outside the image has weight 0 (zero padding) and a clipped index.
+    Flat indices: one gather index per point (row and column would be two, plus one per vmapped axis)."""
     py, px = points[..., 0] * height - 0.5, points[..., 1] * width - 0.5
     y0, x0 = jnp.floor(py), jnp.floor(px)
     wy, wx = py - y0, px - x0
@@ -212,14 +213,21 @@ def _bilinear_corners(points: jax.Array, height: int, width: int):
         for dx, fx in ((0, 1 - wx), (1, wx)):
             yy, xx = y0 + dy, x0 + dx
             inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
-            yield jnp.clip(yy, 0, height - 1), jnp.clip(xx, 0, width - 1), jnp.where(inside, fy * fx, 0.0)
+            flat = jnp.clip(yy, 0, height - 1) * width + jnp.clip(xx, 0, width - 1)
+            yield flat, jnp.where(inside, fy * fx, 0.0)
 
 
 def point_sample(maps: jax.Array, points: jax.Array) -> jax.Array:
-    """Bilinear values of maps [N, h, w] at points [P, 2] ((y, x) in [0, 1]) -> [N, P]: PyTorch's
-    `grid_sample(align_corners=False)` with zero padding, as Mask2Former's `point_sample`."""
-    chex.assert_rank([maps, points], [3, 2])
-    return sum(weight * maps[:, yy, xx] for yy, xx, weight in _bilinear_corners(points, *maps.shape[1:]))
+    """Bilinear values of maps [N, h, w] at points [P, 2] ((y, x) in [0, 1]) -> [N, P], or with points [N, P, 2]
+    each map at its own points: PyTorch's `grid_sample(align_corners=False)` with zero padding, as Mask2Former's
+    `point_sample`."""
+    chex.assert_rank(maps, 3)
+    count, height, width = maps.shape
+    flat_maps = maps.reshape(-1)
+    if points.ndim == 3:
+        chex.assert_shape(points, (count, None, 2))
+    offsets = jnp.arange(count)[:, None] * (height * width)  # map n starts at n * h * w of the flat maps
+    return sum(weight * flat_maps[flat + offsets] for flat, weight in _bilinear_corners(points, height, width))
 
 
 def sample_slot_masks(ids: jax.Array, points: jax.Array, slots: jax.Array) -> jax.Array:
@@ -232,7 +240,8 @@ def sample_slot_masks(ids: jax.Array, points: jax.Array, slots: jax.Array) -> ja
     of each slot's mask.
     """
     chex.assert_rank(ids, 2)
-    return sum(weight * (ids[yy, xx] == slots) for yy, xx, weight in _bilinear_corners(points, *ids.shape))
+    flat_ids = ids.reshape(-1)
+    return sum(weight * (flat_ids[flat] == slots) for flat, weight in _bilinear_corners(points, *ids.shape))
 
 
 def _pair_costs(pred_logits: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -336,7 +345,7 @@ def set_loss_sums(class_logits: jax.Array, mask_logits: jax.Array, target_ids: j
                                                   batch_size=chunk), chosen], axis=1)
         # Rematerialised: the backward pass recomputes the 4 corners' indices and weights [M, P] instead of keeping
         # them for every supervised prediction (PyTorch's grid_sample keeps only the points, too).
-        pred_pts = jax.checkpoint(jax.vmap(lambda m, p: point_sample(m[None], p)[0]))(pred, chosen)
+        pred_pts = jax.checkpoint(point_sample)(pred, chosen)
         target_pts = sample_slot_masks(target_ids, chosen, slots)  # each slot's mask at its own points
         bce, dice = _mask_terms(pred_pts, target_pts)
     else:
