@@ -14,6 +14,7 @@ Studies (runs in `--workdirs`, default workdirs/seg_repro; configs/{eomt,mask2fo
               (also evaluated without them).
   points      the point-sampled loss vs the full-mask loss (num_points=0), EoMT: PQ; the peak memory of the two
               train steps is in experiments/results/segmentation_bench.md (`memory_analysis`).
+  remax       (only when named) EoMT with ReMaX's ReMask + ReClass (eta 0.1) vs without: PQ and mIoU per evaluation.
 Seeds: `--seeds` (default 0 1 2) for every run, so differences come with their spread.
 Writes experiments/results/segmentation_builtin.{md,json}.
 """
@@ -35,6 +36,7 @@ import sweep  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
 STUDIES = ("masked", "heads", "annealing", "points")
+OPTIONAL_STUDIES = ("remax",)  # run only when named in --studies
 METRICS = ("pq", "pq_things", "pq_stuff", "sq", "rq", "miou")
 
 
@@ -48,12 +50,15 @@ def plan(studies: list[str], seeds: list[int]) -> dict[str, tuple[str, dict]]:
         if "masked" in studies:
             runs[f"mask2former_plain_s{seed}"] = ("configs/mask2former_builtin.py",
                                                   {**s, "model.masked_attention": False})
-        if {"heads", "annealing", "points"} & set(studies):
+        if {"heads", "annealing", "points", "remax"} & set(studies):
             runs[f"eomt_s{seed}"] = ("configs/eomt_builtin.py", s)
         if "heads" in studies:
             runs[f"perpixel_s{seed}"] = ("configs/perpixel_builtin.py", s)
         if "annealing" in studies:
             runs[f"eomt_always_s{seed}"] = ("configs/eomt_builtin.py", {**s, "model.mask_annealing": "always"})
+        if "remax" in studies:
+            runs[f"eomt_remax_s{seed}"] = ("configs/eomt_builtin.py", {**s, "segmentation.remask": True,
+                                                                       "segmentation.reclass_eta": 0.1})
         if "points" in studies:
             runs[f"eomt_full_s{seed}"] = ("configs/eomt_builtin.py", {**s, "segmentation.num_points": 0})
     return runs
@@ -120,9 +125,9 @@ def main() -> None:
     parser.add_argument("--results-name", default="segmentation_builtin")
     args = parser.parse_args()
     studies = [s for s in args.studies.split(",") if s]
-    unknown = sorted(set(studies) - set(STUDIES))
+    unknown = sorted(set(studies) - set(STUDIES + OPTIONAL_STUDIES))
     if unknown:
-        parser.error(f"--studies: unknown {unknown}; known: {STUDIES}")
+        parser.error(f"--studies: unknown {unknown}; known: {STUDIES + OPTIONAL_STUDIES}")
     command = "python experiments/segmentation/reproduce.py " + " ".join(sys.argv[1:])
     extra = {"evals.eval.every": args.eval_every, "evals.eval.examples": args.eval_examples}
     runs, curves, seconds = plan(studies, args.seeds), {}, {}
@@ -136,7 +141,7 @@ def main() -> None:
         return [curves[f"{prefix}_s{s}"].get(args.steps, {}).get(metric, float("nan")) for s in args.seeds
                 if f"{prefix}_s{s}" in curves]
 
-    lines = [f"# Segmentation on the built-in panoptic shapes (64x64)", "",
+    lines = ["# Segmentation on the built-in panoptic shapes (64x64)", "",
              f"Command: `{command.strip()}`  ", f"Date: {datetime.date.today()}; load average at the end "
              f"{os.getloadavg()[0]:.1f}; {args.steps} steps at batch 32 per run, seeds {args.seeds}; metrics on "
              f"{args.eval_examples} validation images (mean ± std over seeds, ×100).", ""]
@@ -180,6 +185,14 @@ def main() -> None:
             lines.append(f"| {label} | {mean_std(final(name, 'pq'))} | {mean_std(final(name, 'miou'))} | "
                          f"{minutes:.1f} |")
         lines += ["", "Peak memory of the two train steps: experiments/results/segmentation_bench.md.", ""]
+    if "remax" in studies:
+        lines += ["## EoMT with ReMaX's relaxations (ReMask + ReClass, eta 0.1) vs without", "",
+                  "| step | PQ plain | PQ ReMaX | mIoU plain | mIoU ReMaX |", "|---|---|---|---|---|"]
+        for st in sorted({st for n in curves if n.startswith("eomt_remax") for st in curves[n]}):
+            cell = lambda p, m: mean_std([curves[f"{p}_s{s}"].get(st, {}).get(m, float("nan")) for s in args.seeds])
+            lines.append(f"| {st} | {cell('eomt', 'pq')} | {cell('eomt_remax', 'pq')} | {cell('eomt', 'miou')} | "
+                         f"{cell('eomt_remax', 'miou')} |")
+        lines.append("")
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{args.results_name}.md"), "w") as f:
         f.write("\n".join(lines))
