@@ -31,7 +31,6 @@ training job: load averages are recorded; compare within one table, not across r
 """
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math

@@ -2,7 +2,6 @@
 PyTorch's grid_sample, the Mask2Former loss vs numpy + scipy's assignment, EoMT's annealing and attention mask vs
 their written-out rules; the models' masked attention; bad input."""
 
-import math
 
 import jax
 import jax.numpy as jnp
