@@ -167,8 +167,17 @@ def loss_only_task(config):
     return task
 
 
+def _commit() -> str:
+    """HEAD's short hash, marked when maskjax/ has uncommitted changes."""
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "maskjax"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip())
+    return commit + (" (with uncommitted changes under maskjax/)" if dirty else "")
+
+
 def meta(command: str, load_before, load_after, seconds: float) -> dict:
-    return {"command": command, "date": str(datetime.date.today()),
+    return {"command": command, "date": str(datetime.date.today()), "commit": _commit(),
             "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after],
             "seconds": round(seconds, 1)}
 
@@ -593,14 +602,10 @@ def _yes(x) -> str:
 
 
 def write(results: dict) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "maskjax"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip())
     lines = ["# Segmentation heads: inference speed, training memory, the empty-mask rule, train-step split", "",
-             f"Written by `experiments/segmentation/bench.py`. maskjax commit `{commit}`"
-             f"{' (with uncommitted changes under maskjax/)' if dirty else ''}; jax {jax.__version__} "
-             f"(backend {jax.default_backend()}), Python {platform.python_version()}, {os.cpu_count()} CPU cores. "
+             f"Written by `experiments/segmentation/bench.py`; each section names its command, date and maskjax "
+             f"commit; jax {jax.__version__} (backend {jax.default_backend()}), Python {platform.python_version()}, "
+             f"{os.cpu_count()} CPU cores. "
              "**Random weights throughout** (nothing trained): speed, memory and finiteness do not depend on what "
              "the weights learned. The machine is shared with a training job (load averages per section below): "
              "absolute times are pessimistic and noisy; compare within a table.", ""]
@@ -608,7 +613,7 @@ def write(results: dict) -> None:
     if speed:
         m = speed["meta"]
         lines += ["## 1. Inference speed: EoMT vs Mask2Former-style vs per-pixel, same backbone", "",
-                  f"`{m['command']}` — {m['date']}, load average (1, 5, 15 min) {tuple(m['load_before'])} before, "
+                  f"`{m['command']}` — {m['date']}, commit {m.get('commit', '?')}, load average (1, 5, 15 min) {tuple(m['load_before'])} before, "
                   f"{tuple(m['load_after'])} after, {m['seconds']:.0f} s.", "", "Configs:"]
         lines += [f"- {name}: {text}" for name, text in speed["configs"].items()]
         lines += ["", "The larger setting scales the backbone only: the Mask2Former-style decoder stays the built-in one "
@@ -639,7 +644,7 @@ def write(results: dict) -> None:
     if memory:
         m = memory["meta"]
         lines += ["## 2. Training memory: point-sampled loss vs full-mask loss", "",
-                  f"`{m['command']}` — {m['date']}, load average {tuple(m['load_before'])} before, "
+                  f"`{m['command']}` — {m['date']}, commit {m.get('commit', '?')}, load average {tuple(m['load_before'])} before, "
                   f"{tuple(m['load_after'])} after, {m['seconds']:.0f} s.", "",
                   f"Program: `jax.jit(jax.value_and_grad(lambda p, b: task.loss(p, b, key, True, step)[0]))` at "
                   f"batch {memory['batch']}, step 0 (EoMT: every masked block masked, so its 2 intermediate "
@@ -691,7 +696,7 @@ def write(results: dict) -> None:
         m = empty["meta"]
         s = empty["shapes"]
         lines += ["## 3. The empty-mask rule of masked attention", "",
-                  f"`{m['command']}` — {m['date']}, load average {tuple(m['load_before'])}.", "",
+                  f"`{m['command']}` — {m['date']}, commit {m.get('commit', '?')}, load average {tuple(m['load_before'])}.", "",
                   f"(a), (b): q [{s['batch']}, {s['queries']}, {s['heads']}, {s['head_dim']}], k, v "
                   f"[{s['batch']}, {s['keys']}, ...], a random 30% key mask per query, and queries "
                   f"{s['empty_queries']} with an empty mask (no allowed key). Gradient: of sum(out^2) with respect "
@@ -712,7 +717,7 @@ def write(results: dict) -> None:
     if split:
         m = split["meta"]
         lines += ["## 4. Where EoMT's train step goes", "",
-                  f"`{m['command']}` — {m['date']}, load average {tuple(m['load_before'])} before, "
+                  f"`{m['command']}` — {m['date']}, commit {m.get('commit', '?')}, load average {tuple(m['load_before'])} before, "
                   f"{tuple(m['load_after'])} after.", "",
                   f"{split['config']}, batch {split['batch']} of built-in images, step 0 (all masked blocks "
                   f"masked: {split['num_predictions']} supervised predictions). Each part is its own jitted program; "
@@ -731,7 +736,7 @@ def write(results: dict) -> None:
     with open(os.path.join(RESULTS, "segmentation_bench.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(RESULTS, "segmentation_bench.json"), "w") as f:
-        json.dump({"commit": commit, "jax": jax.__version__, **results}, f, indent=1, default=float)
+        json.dump({"jax": jax.__version__, **results}, f, indent=1, default=float)
 
 
 def memory_analysis_text(memory: dict) -> str:
