@@ -226,6 +226,13 @@ def bench_speed(repeats: int, large_batches: tuple, small_batches: tuple) -> dic
 
 
 # ------------------------------------------------------------------------------------------------ memory
+def _model_scalar(task):
+    """(params, images) -> the sum of every model output (train=True, step 0): a scalar whose gradient runs the
+    model's whole backward pass, without the loss."""
+    key, step = jax.random.key(1), jnp.zeros((), jnp.int32)
+    return lambda p, x: sum(jnp.sum(leaf) for leaf in jax.tree.leaves(task._apply(p, x, True, key, step)))
+
+
 def _step_fn(task):
     key, step = jax.random.key(1), jnp.zeros((), jnp.int32)
     return jax.jit(jax.value_and_grad(lambda p, b: task.loss(p, b, key, True, step)[0]))
@@ -263,24 +270,14 @@ def bench_memory(sizes: tuple, m2f_sizes: tuple, split_sizes: tuple, remat: bool
                 key, step = jax.random.key(1), jnp.zeros((), jnp.int32)
                 params = param_shapes(task, size)
                 images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-
-                def model_scalar(p, x, task=task, key=key, step=step):
-                    out = task._apply(p, x, True, key, step)
-                    return sum(jnp.sum(leaf) for leaf in jax.tree.leaves(out))
-
                 name = f"model/{head}/{size}"
-                lowered[name] = jax.jit(jax.value_and_grad(model_scalar)).lower(params, images)
+                lowered[name] = jax.jit(jax.value_and_grad(_model_scalar(task))).lower(params, images)
                 cases[name] = {"kind": "model", "head": head, "size": size, "num_points": None, "remat": False,
                                "config": describe(config)}
                 if remat:  # the same with every ViT block rematerialised (config.model.remat=True)
                     remat_task = get_task(config.task)(make_config(head, size, remat=True))
-
-                    def remat_scalar(p, x, task=remat_task, key=key, step=step):
-                        out = task._apply(p, x, True, key, step)
-                        return sum(jnp.sum(leaf) for leaf in jax.tree.leaves(out))
-
                     name = f"model-remat/{head}/{size}"
-                    lowered[name] = jax.jit(jax.value_and_grad(remat_scalar)).lower(params, images)
+                    lowered[name] = jax.jit(jax.value_and_grad(_model_scalar(remat_task))).lower(params, images)
                     cases[name] = {"kind": "model", "head": head, "size": size, "num_points": None, "remat": True,
                                    "config": describe(config) + ", model.remat=True"}
                 outputs = jax.eval_shape(lambda p, x, task=task: task._apply(p, x, True, key, step), params, images)
@@ -532,8 +529,7 @@ def bench_split(repeats: int, batch: int = 32, size: int = 64) -> dict:
     key, step = jax.random.key(1), jnp.zeros((), jnp.int32)
     outputs = jax.jit(lambda p, x: task._apply(p, x, True, key, step))(params, data["image"])
 
-    def model_scalar(p, x):
-        return sum(jnp.sum(leaf) for leaf in jax.tree.leaves(task._apply(p, x, True, key, step)))
+    model_scalar = _model_scalar(task)
 
     num_predictions = 1 + len(outputs["layers"])
     slots = task.num_slots
