@@ -5,7 +5,7 @@ Every parameter is boxed with `nn.with_logical_partitioning` using the logical a
 trainer can shard any of these modules by config rules. Activations are `[batch, tokens, features]`.
 """
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import chex
 import flax.linen as nn
@@ -223,12 +223,13 @@ class DropPath(nn.Module):
     rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = False, rate: Optional[jax.Array] = None) -> jax.Array:
+        """`rate`: a traced scalar rate used instead of the field (blocks under `nn.scan` carry theirs as data)."""
         if not 0.0 <= self.rate < 1.0:
             raise ValueError(f"DropPath: rate={self.rate} must be in [0, 1)")
-        if not train or self.rate == 0.0:
+        if not train or (rate is None and self.rate == 0.0):
             return x
-        keep_prob = 1.0 - self.rate
+        keep_prob = 1.0 - (self.rate if rate is None else rate)
         keep = jax.random.bernoulli(self.make_rng("drop_path"), keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
         return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
 
@@ -273,7 +274,8 @@ class Encoder1DBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Any = None, train: bool = False,
-                 cache_positions: Optional[jax.Array] = None) -> jax.Array:
+                 cache_positions: Optional[jax.Array] = None, drop_path_rate: Optional[jax.Array] = None) -> jax.Array:
+        """`drop_path_rate`: a traced per-call stochastic-depth rate instead of the field (scanned layers)."""
         chex.assert_rank(x, 3)
         if self.norm_position not in NORM_POSITIONS:
             raise ValueError(f"Encoder1DBlock: norm_position={self.norm_position!r} must be one of {NORM_POSITIONS}")
@@ -288,7 +290,7 @@ class Encoder1DBlock(nn.Module):
         y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, dtype=self.dtype, name="ls1")(y)
-        x = x + DropPath(self.drop_path_rate, name="drop_path1")(y, train=train)
+        x = x + DropPath(self.drop_path_rate, name="drop_path1")(y, train=train, rate=drop_path_rate)
         x = constrain_tokens(x if pre else norm1(x))
 
         y = norm2(x) if pre else x
@@ -297,13 +299,43 @@ class Encoder1DBlock(nn.Module):
         y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, dtype=self.dtype, name="ls2")(y)
-        x = x + DropPath(self.drop_path_rate, name="drop_path2")(y, train=train)
+        x = x + DropPath(self.drop_path_rate, name="drop_path2")(y, train=train, rate=drop_path_rate)
         return constrain_tokens(x if pre else norm2(x))
 
 
 def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
     """Per-block stochastic-depth rates rising linearly from 0 (first block) to `drop_path_rate` (last block)."""
     return [float(r) for r in np.linspace(0.0, drop_path_rate, depth)] if depth > 1 else [0.0] * depth
+
+
+# What a rematerialised block keeps from its forward pass for the backward pass (everything else is recomputed);
+# the block's input is always kept. 'minimal' is maxtext's name for saving the weight matmuls' outputs only.
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+SCANNED_BLOCKS = "blocks"  # The scanned encoder's module name; its parameters carry a leading [depth] axis.
+LAYER_AXIS = "layers"  # Logical name of that axis (never sharded by the default rules).
+
+
+def remat_policy(name: str) -> Callable:
+    """The `jax.checkpoint` policy called `name` (a key of REMAT_POLICIES); ValueError naming it otherwise."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={name!r} must be one of {tuple(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
+class _ScanStep(Encoder1DBlock):
+    """One step of the scanned encoder: (x, mask, rate) -> (block(x), block(x)); mask is the same for every
+    block, rate is this block's stochastic-depth rate."""
+
+    train: bool = False
+    use_drop_path: bool = False
+
+    def __call__(self, x: jax.Array, mask: Any, rate: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = super().__call__(x, mask, self.train, None, rate if self.use_drop_path else None)
+        return x, x
 
 
 class Encoder(nn.Module):
@@ -315,6 +347,13 @@ class Encoder(nn.Module):
     list/tuple of `depth` masks, one per block. `attention` sets every block's attention (`AttentionOptions`,
     resolved per block by `for_layer`). `cache_positions`: incremental decoding with a key/value cache (see
     `MultiHeadAttention`).
+
+    `remat`: rematerialise each block in the backward pass, keeping what `remat_policy` (REMAT_POLICIES) says.
+    `scan_layers`: the blocks run under `nn.scan` (one traced block, so compile time does not grow with depth);
+    their parameters are one module 'blocks' whose leaves have a leading [depth] axis (logical name 'layers'),
+    where the unrolled layout has 'block_0' ... 'block_{depth-1}' (`scan_layout` / `unrolled_layout` convert).
+    Every block then gets the same mask and attention options. On XLA's CPU backend remat lowers peak memory only
+    under scan: unrolled, its scheduler moves the recomputation forward (experiments/results/scan_remat.md).
     """
 
     depth: int
@@ -328,8 +367,16 @@ class Encoder(nn.Module):
     layer_norm_eps: float = 1e-6
     norm_position: str = "pre"
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     attention: AttentionOptions = AttentionOptions()
+
+    def _block_fields(self) -> dict:
+        return dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+                    layer_scale_init=self.layer_scale_init, qk_norm=self.qk_norm,
+                    approximate_gelu=self.approximate_gelu, layer_norm_eps=self.layer_norm_eps,
+                    norm_position=self.norm_position, dtype=self.dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: Any = None, train: bool = False,
@@ -337,36 +384,111 @@ class Encoder(nn.Module):
                  final_norm: bool = True) -> tuple[jax.Array, dict]:
         """`blocks=(start, stop)` runs only blocks start..stop-1 (and the final norm only if `final_norm`): models
         that act between blocks (EoMT) call the same encoder several times; the parameters are the same."""
-        block_cls = nn.remat(Encoder1DBlock, static_argnums=(3,)) if self.remat else Encoder1DBlock
+        policy = remat_policy(self.remat_policy)
         start, stop = (0, self.depth) if blocks is None else blocks
         if not 0 <= start <= stop <= self.depth:
             raise ValueError(f"Encoder: blocks={blocks} must satisfy 0 <= start <= stop <= depth={self.depth}")
         if isinstance(mask, (list, tuple)) and len(mask) != self.depth:
             raise ValueError(f"Encoder: got {len(mask)} per-block masks for depth={self.depth}")
-        layer_masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * self.depth
-        aux = {}
-        for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
-            if not start <= i < stop:
-                continue
-            x = block_cls(
-                mlp_dim=self.mlp_dim,
-                num_heads=self.num_heads,
-                dropout=self.dropout,
-                drop_path_rate=rate,
-                layer_scale_init=self.layer_scale_init,
-                qk_norm=self.qk_norm,
-                approximate_gelu=self.approximate_gelu,
-                layer_norm_eps=self.layer_norm_eps,
-                norm_position=self.norm_position,
-                dtype=self.dtype,
-                attention=self.attention.for_layer(i, self.depth),
-                name=f"block_{i}",
-            )(x, layer_masks[i], train, cache_positions)
-            aux[f"block_{i}"] = x
+        if self.scan_layers:
+            x, aux = self._scanned(x, mask, train, cache_positions, (start, stop), policy)
+        else:
+            x, aux = self._unrolled(x, mask, train, cache_positions, (start, stop), policy)
         if self.norm_position == "post" or not final_norm:
             return x, aux
         encoded = layer_norm(self.layer_norm_eps, self.dtype, name="encoder_norm")(x)
         return constrain_tokens(encoded), aux
+
+    def _unrolled(self, x, mask, train, cache_positions, blocks, policy):
+        block_cls = Encoder1DBlock
+        if self.remat:
+            block_cls = nn.remat(Encoder1DBlock, static_argnums=(3,), policy=policy)
+        layer_masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * self.depth
+        aux = {}
+        for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
+            if not blocks[0] <= i < blocks[1]:
+                continue
+            x = block_cls(**self._block_fields(), drop_path_rate=rate,
+                          attention=self.attention.for_layer(i, self.depth), name=f"block_{i}")(
+                x, layer_masks[i], train, cache_positions)
+            aux[f"block_{i}"] = x
+        return x, aux
+
+    def _scanned(self, x, mask, train, cache_positions, blocks, policy):
+        if blocks != (0, self.depth):
+            raise ValueError(f"Encoder: scan_layers=True runs all {self.depth} blocks at once; blocks={blocks} needs "
+                             "the unrolled layout (scan_layers=False)")
+        if cache_positions is not None:
+            raise ValueError("Encoder: scan_layers=True does not support key/value-cache decoding "
+                             "(cache_positions); use the unrolled layout")
+        if self.attention.approx_layers is not None:
+            raise ValueError(f"Encoder: scan_layers=True needs one attention setting for every block, got "
+                             f"approx_layers={self.attention.approx_layers}")
+        if isinstance(mask, (list, tuple)):
+            if any(m is not mask[0] for m in mask):
+                raise ValueError("Encoder: scan_layers=True needs the same mask in every block, got per-block masks "
+                                 "(e.g. shifted Swin windows); use the unrolled layout")
+            mask = mask[0]
+        step = _ScanStep
+        if self.remat:
+            # Inside scan the loop already keeps the recomputation in the backward pass: no CSE barrier needed.
+            step = nn.remat(step, policy=policy, prevent_cse=False)
+        scan = nn.scan(step, variable_axes={True: 0}, split_rngs={"params": True, "dropout": True, "drop_path": True},
+                       in_axes=(nn.broadcast, 0), length=self.depth, metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
+        rates = jnp.asarray(drop_path_rates(self.drop_path_rate, self.depth), jnp.float32)
+        x, outputs = scan(**self._block_fields(), attention=self.attention, train=train,
+                          use_drop_path=self.drop_path_rate > 0, name=SCANNED_BLOCKS)(x, mask, rates)
+        return x, {f"block_{i}": outputs[i] for i in range(self.depth)}
+
+
+def _is_unrolled_stack(tree: Any) -> Optional[int]:
+    """The depth if `tree` (a dict) holds block_0 .. block_{n-1} (n >= 1), else None."""
+    if not isinstance(tree, dict):
+        return None
+    indices = sorted(int(k[len("block_"):]) for k in tree if isinstance(k, str) and k.startswith("block_")
+                     and k[len("block_"):].isdigit())
+    return len(indices) if indices and indices == list(range(len(indices))) else None
+
+
+def scan_layout(tree: Any) -> Any:
+    """A parameter tree (nested dicts of arrays) in the unrolled layout -> the scanned one: every encoder's
+    'block_0' .. 'block_{n-1}' become one 'blocks' whose leaves are stacked on a new leading [n] axis."""
+    if not isinstance(tree, dict):
+        return tree
+    depth = _is_unrolled_stack(tree)
+    out = {k: scan_layout(v) for k, v in tree.items() if not (depth and k.startswith("block_"))}
+    if depth:
+        stacked = [tree[f"block_{i}"] for i in range(depth)]
+        out[SCANNED_BLOCKS] = jax.tree.map(lambda *leaves: np.stack([np.asarray(v) for v in leaves]), *stacked)
+    return out
+
+
+def unrolled_layout(tree: Any) -> Any:
+    """The inverse of `scan_layout`: every 'blocks' subtree with a leading [n] axis -> 'block_0' .. 'block_{n-1}'."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: unrolled_layout(v) for k, v in tree.items() if k != SCANNED_BLOCKS}
+    if SCANNED_BLOCKS in tree:
+        leaves = jax.tree.leaves(tree[SCANNED_BLOCKS])
+        depth = leaves[0].shape[0]
+        for i in range(depth):
+            out[f"block_{i}"] = jax.tree.map(lambda v, i=i: np.asarray(v)[i], tree[SCANNED_BLOCKS])
+    return out
+
+
+def params_layout(tree: Any) -> Optional[str]:
+    """'scanned' if any subtree is a scanned 'blocks', 'unrolled' if any holds 'block_<i>' children, else None."""
+    if not isinstance(tree, dict):
+        return None
+    if SCANNED_BLOCKS in tree:
+        return "scanned"
+    if _is_unrolled_stack(tree):
+        return "unrolled"
+    for value in tree.values():
+        found = params_layout(value)
+        if found:
+            return found
+    return None
 
 
 class PatchEmbed(nn.Module):

@@ -72,7 +72,10 @@ class ViT(nn.Module):
       qk_norm: LayerNorm on queries and keys per head.
       dtype: compute dtype; parameters are float32.
       layer_norm_eps: LayerNorm epsilon (timm 1e-6, Hugging Face 1e-12).
-      remat: rematerialise each block in the backward pass.
+      remat: rematerialise each block in the backward pass, keeping what `remat_policy` names
+        (`layers.REMAT_POLICIES`: 'nothing_saveable', 'dots_saveable', 'minimal').
+      scan_layers: run the blocks under `nn.scan` (parameters under encoder/blocks with a leading [depth] axis;
+        see `layers.Encoder`).
       attention: `AttentionOptions` of every block (backend, approx layers, bounded logits, logit record).
       token_mask: `TokenMaskSpec`, a mask on the patch grid (2-D window, Swin partitions, LookHere
         directions) applied in every block of `__call__`, combined (and) with a `mask` argument.
@@ -98,6 +101,8 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
     layer_norm_eps: float = 1e-6
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    scan_layers: bool = False
     attention: AttentionOptions = AttentionOptions()
     token_mask: TokenMaskSpec = TokenMaskSpec()
 
@@ -164,7 +169,8 @@ class ViT(nn.Module):
         self.encoder = Encoder(
             depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
             drop_path_rate=self.drop_path_rate, layer_scale_init=self.layer_scale_init, qk_norm=self.qk_norm,
-            layer_norm_eps=self.layer_norm_eps, remat=self.remat, dtype=self.dtype, attention=self.attention,
+            layer_norm_eps=self.layer_norm_eps, remat=self.remat, remat_policy=self.remat_policy,
+            scan_layers=self.scan_layers, dtype=self.dtype, attention=self.attention,
             name="encoder")
         if self.num_classes:
             kernel_init = ZEROS if self.head_zero_init else DEFAULT_KERNEL_INIT

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from maskjax.models.attention_options import AttentionOptions, TokenMaskSpec
+from maskjax.models.layers import REMAT_POLICIES, SCANNED_BLOCKS
 from maskjax.models.vit import ViT, decode_variant
 
 
@@ -58,6 +59,8 @@ def vit_schema(classifier: bool = True) -> ml_collections.ConfigDict:
     m.layer_scale_init = 0.0  # LayerScale initial value (0 = off).
     m.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); parameters stay float32.
     m.remat = False  # Rematerialise blocks in the backward pass to save memory.
+    m.remat_policy = "nothing_saveable"  # What remat keeps: 'nothing_saveable', 'dots_saveable' or 'minimal'.
+    m.scan_layers = False  # Blocks under nn.scan: compile time flat in depth; parameters stacked [depth, ...].
     m.attention = attention_config()
     return m
 
@@ -115,6 +118,14 @@ def validate_vit(config: ml_collections.ConfigDict) -> None:
               f"needs one angle per head ({size['num_heads']} heads in model.variant={model.variant!r})")
     if token_mask.kind != "none" and (options.backend == "approx" or options.approx_layers is not None):
         _fail("model.attention.mask", token_mask.kind, "cannot be combined with approx attention layers")
+    if model.remat_policy not in REMAT_POLICIES:
+        _fail("model.remat_policy", model.remat_policy, f"must be one of {tuple(REMAT_POLICIES)}")
+    if model.scan_layers and options.approx_layers is not None:
+        _fail("model.scan_layers", True, f"scanned blocks share one attention setting; model.attention.approx_layers="
+              f"{model.attention.approx_layers} differs per block (set scan_layers=False)")
+    if model.scan_layers and token_mask.varies_by_layer():
+        _fail("model.scan_layers", True, f"scanned blocks share one mask; model.attention.mask={token_mask.kind!r} "
+              "with shifted windows differs per block (set scan_layers=False)")
     video = config.data.num_frames > 0
     if video != (model.tubelet_size > 0) or model.tubelet_size < 0:
         _fail("model.tubelet_size", model.tubelet_size, "must be >= 1 for video (data.num_frames > 0) and 0 "
@@ -142,6 +153,8 @@ def vit_from_config(model_config: ml_collections.ConfigDict) -> ViT:
         layer_scale_init=model_config.layer_scale_init or None,
         dtype=jnp.dtype(model_config.dtype),
         remat=model_config.remat,
+        remat_policy=model_config.remat_policy,
+        scan_layers=model_config.scan_layers,
         attention=attention,
         token_mask=token_mask,
         **vit_size(model_config),
@@ -185,9 +198,14 @@ def logit_metrics(state: Mapping[str, Any]) -> dict[str, jax.Array]:
     found = {}
     for path, value in jax.tree_util.tree_flatten_with_path(dict(state.get("intermediates", {})))[0]:
         keys = [getattr(p, "key", None) for p in path]
-        if "max_abs_logit" in keys:
-            block = next((k for k in keys if isinstance(k, str) and k.startswith("block_")), "attn")
-            found[f"max_abs_logit/{block}"] = jnp.maximum(found.get(f"max_abs_logit/{block}", value), value)
+        if "max_abs_logit" not in keys:
+            continue
+        if SCANNED_BLOCKS in keys:  # scanned layers: one value per block on the leading axis
+            per_block = {f"block_{i}": value[i] for i in range(value.shape[0])}
+        else:
+            per_block = {next((k for k in keys if isinstance(k, str) and k.startswith("block_")), "attn"): value}
+        for block, v in per_block.items():
+            found[f"max_abs_logit/{block}"] = jnp.maximum(found.get(f"max_abs_logit/{block}", v), v)
     if found:
         found["max_abs_logit"] = jnp.max(jnp.stack(list(found.values())))
     return found

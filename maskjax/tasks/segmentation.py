@@ -80,6 +80,10 @@ def _validate_seg_model(config: ml_collections.ConfigDict) -> None:
     if m.name == "eomt" and not 1 <= m.num_mask_blocks <= vit_size(m)["depth"]:
         raise ValueError(f"config.model.num_mask_blocks={m.num_mask_blocks!r}: must be in [1, depth="
                          f"{vit_size(m)['depth']}]")
+    if m.name == "eomt" and m.scan_layers:
+        raise ValueError("config.model.scan_layers=True: EoMT runs its encoder in two ranges (the plain blocks, "
+                         "then each query block between mask predictions), which the scanned layout does not "
+                         "support; use model.remat to save memory")
     if m.name == "eomt" and m.mask_annealing not in ANNEALING:
         raise ValueError(f"config.model.mask_annealing={m.mask_annealing!r}: must be one of {ANNEALING}")
     if m.name == "mask2former":
@@ -128,7 +132,8 @@ def _build(config: ml_collections.ConfigDict):
 def _vit_kwargs(m: ml_collections.ConfigDict) -> dict:
     vit = _backbone(m)
     names = ("patch_size", "width", "depth", "mlp_dim", "num_heads", "class_token", "num_registers", "posemb",
-             "dropout", "drop_path_rate", "layer_scale_init", "dtype", "remat", "attention", "token_mask")
+             "dropout", "drop_path_rate", "layer_scale_init", "dtype", "remat", "remat_policy", "scan_layers",
+             "attention", "token_mask")
     return {n: getattr(vit, n) for n in names} | {"num_classes": None, "pool": "none"}
 
 

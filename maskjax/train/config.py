@@ -23,6 +23,7 @@ DEFAULT_SHARDING_RULES = (
     ("posemb_tokens", None),
     ("norm", None),
     ("tokens", None),
+    ("layers", None),  # The leading [depth] axis of scanned blocks (model.scan_layers).
 )
 
 MESH_AXES = ("data", "fsdp", "model")

@@ -321,6 +321,8 @@ def test_bad_input_is_named_before_compute():
             validate(small_config(**{f"segmentation__{key}": 1.5}), 1)
     with pytest.raises(ValueError, match="unknown model"):
         base_config("segmentation", "maskformer")
+    with pytest.raises(ValueError, match="scan_layers=True: EoMT runs its encoder in two ranges"):
+        validate(small_config(model__scan_layers=True), 1)
     task = make_task(small_config())
     batch = {"image": jnp.zeros((1, 16, 16, 3)), "semantic": jnp.zeros((1, 8, 8), jnp.int32),
              "instance": jnp.zeros((1, 16, 16), jnp.int32)}
