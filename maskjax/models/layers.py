@@ -451,8 +451,11 @@ def _is_unrolled_stack(tree: Any) -> Optional[int]:
 
 
 def scan_layout(tree: Any) -> Any:
-    """A parameter tree (nested dicts of arrays) in the unrolled layout -> the scanned one: every encoder's
-    'block_0' .. 'block_{n-1}' become one 'blocks' whose leaves are stacked on a new leading [n] axis."""
+    """A tree of arrays (parameters, or a whole train state: optimizer moments repeat the parameters' structure)
+    in the unrolled layout -> the scanned one: every 'block_0' .. 'block_{n-1}' set becomes one 'blocks' whose
+    leaves are stacked on a new leading [n] axis. Lists and tuples are walked; other leaves are kept."""
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(scan_layout(v) for v in tree)
     if not isinstance(tree, dict):
         return tree
     depth = _is_unrolled_stack(tree)
@@ -465,12 +468,13 @@ def scan_layout(tree: Any) -> Any:
 
 def unrolled_layout(tree: Any) -> Any:
     """The inverse of `scan_layout`: every 'blocks' subtree with a leading [n] axis -> 'block_0' .. 'block_{n-1}'."""
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(unrolled_layout(v) for v in tree)
     if not isinstance(tree, dict):
         return tree
     out = {k: unrolled_layout(v) for k, v in tree.items() if k != SCANNED_BLOCKS}
     if SCANNED_BLOCKS in tree:
-        leaves = jax.tree.leaves(tree[SCANNED_BLOCKS])
-        depth = leaves[0].shape[0]
+        depth = jax.tree.leaves(tree[SCANNED_BLOCKS])[0].shape[0]
         for i in range(depth):
             out[f"block_{i}"] = jax.tree.map(lambda v, i=i: np.asarray(v)[i], tree[SCANNED_BLOCKS])
     return out
@@ -478,6 +482,8 @@ def unrolled_layout(tree: Any) -> Any:
 
 def params_layout(tree: Any) -> Optional[str]:
     """'scanned' if any subtree is a scanned 'blocks', 'unrolled' if any holds 'block_<i>' children, else None."""
+    if isinstance(tree, (list, tuple)):
+        tree = dict(enumerate(tree))
     if not isinstance(tree, dict):
         return None
     if SCANNED_BLOCKS in tree:

@@ -239,8 +239,10 @@ class MAE(nn.Module):
                 posemb_sincos_2d(*grid, self.decoder_width)
             patches = patches + posemb.astype(patches.dtype)
             x = jnp.concatenate([prefix, patches], axis=1)
+            # The decoder follows the encoder's layout and remat, so a checkpoint has one layout throughout.
             x, _ = Encoder(depth=self.decoder_depth, mlp_dim=self.decoder_mlp_dim, num_heads=self.decoder_heads,
-                           layer_norm_eps=enc.layer_norm_eps, dtype=self.dtype, name="decoder")(x, train=train)
+                           layer_norm_eps=enc.layer_norm_eps, remat=enc.remat, remat_policy=enc.remat_policy,
+                           scan_layers=enc.scan_layers, dtype=self.dtype, name="decoder")(x, train=train)
             x = x[:, num_prefix:]
         pred = nn.Dense(output_dim, dtype=self.dtype, name="decoder_pred",
                         kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, (None, "patch")),

@@ -226,24 +226,28 @@ class Checkpointer:
         """The 'params' subtree of checkpoint `step` as numpy arrays, whatever model and mesh wrote it (for
         initialising another model from it; replicated on every process), checked against its digest. Reads the
         parameters only, not the optimizer state."""
+        return self.restore_numpy(step, "params")
+
+    def restore_numpy(self, step: int, subtree: Optional[str] = None) -> Any:
+        """Checkpoint `step` (or its top-level `subtree`) as numpy arrays in the saved structure (dicts and lists),
+        whatever model and mesh wrote it, checked against its digest; reads nothing else from disk."""
         path = self.step_dir(step)
         try:
             meta = self.read_meta(step)
             state_dir = os.path.join(path, "state")
             saved = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
-            # Only the parameters are read: the optimizer state (2x their size for Adam) stays on disk.
-            target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
-                                             saved["params"])}
+            saved = {key: saved[key] for key in ([subtree] if subtree else saved.keys())}
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
             restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=restore_args, partial_restore=True))
+                item=target, restore_args=restore_args, partial_restore=subtree is not None))
         except Exception as error:
             raise CheckpointDamagedError(path, _short(error)) from error
-        params = restored["params"]
-        problems = verify(params, meta.get("digest"), prefix="params")
+        tree = restored[subtree] if subtree else restored
+        problems = verify(tree, meta.get("digest"), prefix=subtree or "")
         if problems:
             raise CheckpointDamagedError(path, f"{len(problems)} problem(s): " + "; ".join(problems[:3]))
-        return jax.tree.map(np.asarray, jax.device_get(params))
+        return jax.tree.map(np.asarray, jax.device_get(tree))
 
     def last_good_step(self) -> Optional[int]:
         """The newest step this checkpointer verified or saved (after pending saves finish), else None."""

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from maskjax.data import pipeline
 from maskjax.evaluate.evaluators import build_evaluators, due
+from maskjax.models.layers import params_layout, scan_layout, unrolled_layout
 from maskjax.tasks import make_task
 from maskjax.train import checkpoint as ckpt_lib
 from maskjax.train import sharding as sharding_lib
@@ -349,7 +350,14 @@ class Trainer:
         state is rebuilt for the new parameters."""
         cfg = self.config.init_from
         loaded, step = ckpt_lib.load_params(cfg.workdir, cfg.step, cfg.params_key)
-        fresh = flax.traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+        fresh_tree = jax.device_get(state.params)
+        have, want = params_layout(loaded), params_layout(fresh_tree)
+        if have and want and have != want:  # model.scan_layers differs: the same weights, stacked or not
+            loaded = scan_layout(loaded) if want == "scanned" else unrolled_layout(loaded)
+            if self.is_main:
+                print(f"config.init_from: converted the checkpoint's {have} blocks to the model's {want} layout",
+                      flush=True)
+        fresh = flax.traverse_util.flatten_dict(fresh_tree, sep="/")
         incoming = flax.traverse_util.flatten_dict(loaded, sep="/")
         unknown = sorted(set(incoming) - set(fresh))
         mismatched = [f"{k}: checkpoint {np.shape(incoming[k])} vs model {np.shape(fresh[k])}"
@@ -467,6 +475,13 @@ class Trainer:
                       "config is not compared.", file=sys.stderr, flush=True)
             return {}, {}
         safe, unsafe = resume_changes(saved, flat_config(self.config))
+        if "model.scan_layers" in unsafe:  # another parameter layout: not even resume_policy='force' can load it
+            old, new = unsafe["model.scan_layers"]
+            raise ResumeError(
+                f"checkpoint step {step} in {checkpointer.directory} holds the {'scanned' if old else 'unrolled'} "
+                f"block layout (model.scan_layers={old}), the config asks for model.scan_layers={new}. Convert the "
+                f"run first: python -m maskjax.convert.scan_layout --workdir={self.workdir} --out=<new workdir>, "
+                "then resume there (or keep the saved value).")
         if unsafe and self.config.resume_policy != "force":
             listing = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in unsafe.items())
             raise ResumeError(

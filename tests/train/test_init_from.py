@@ -2,6 +2,7 @@
 on another mesh; mismatches are named."""
 
 import json
+import shutil
 import re
 
 import flax
@@ -73,3 +74,43 @@ def test_commands_name_a_workdir_that_is_not_a_run_of_their_task(tmp_path):
     with pytest.raises(ValueError, match="is a run of task 'classification'; maskjax.segment works on runs of "
                                          r"\('segmentation',\)"):
         ckpt_lib.load_run(str(tmp_path), -1, ("segmentation",), "segment")
+
+
+def test_unrolled_checkpoint_initialises_a_scanned_model(tmp_path, mae_run):
+    workdir, mae_params = mae_run
+    c = quiet(vit_builtin.get_config("runlocal"), model__posemb="sincos2d", model__scan_layers=True,
+              init_from__workdir=workdir, init_from__params_key="encoder")
+    params = jax.device_get(Trainer(c, str(tmp_path)).initial_state().params)
+    blocks = params["encoder"]["blocks"]
+    depth = blocks["attn"]["query"]["kernel"].shape[0]
+    assert depth == len([k for k in mae_params["encoder"]["encoder"] if k.startswith("block_")]) > 1
+    for i in range(depth):
+        np.testing.assert_array_equal(blocks["mlp"]["fc1"]["kernel"][i],
+                                      mae_params["encoder"]["encoder"][f"block_{i}"]["mlp"]["fc1"]["kernel"])
+
+
+def test_a_run_converted_to_the_scanned_layout_resumes_where_it_stopped(tmp_path, mae_run):
+    """Resuming with another layout names the conversion; the converted run's next step has the original's loss."""
+    from maskjax.convert.scan_layout import convert_run
+    from maskjax.train.trainer import ResumeError
+
+    workdir, _ = mae_run
+    original = str(tmp_path / "original")
+    shutil.copytree(workdir, original)
+    settings = dict(total_steps=5, checkpoint_every=5, evals__eval__every=0, optimizer__warmup_steps=1,
+                    async_checkpointing=False, log_every=1)
+    with pytest.raises(ResumeError, match=r"python -m maskjax.convert.scan_layout --workdir=.*original"):
+        Trainer(quiet(mae_builtin.get_config("runlocal"), model__scan_layers=True, **settings), original).run()
+    converted = str(tmp_path / "scanned")
+    assert convert_run(original, converted) == (4, True)
+    state = ckpt_lib.Checkpointer(converted, async_save=False).restore_numpy(4)
+    assert state["params"]["encoder"]["encoder"]["blocks"]["mlp"]["fc1"]["kernel"].shape[0] > 1
+    opt_paths = [ckpt_lib.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]]
+    assert any("decoder/blocks/" in p for p in opt_paths)  # the optimizer moments are converted too
+    assert not any("/block_" in p for p in opt_paths)
+    losses = {}
+    for name, scan in ((original, False), (converted, True)):
+        Trainer(quiet(mae_builtin.get_config("runlocal"), model__scan_layers=scan, **settings), name).run()
+        with open(f"{name}/metrics.jsonl") as f:
+            losses[scan] = [r["train/loss"] for r in map(json.loads, f) if r.get("step") == 5 and "train/loss" in r]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
