@@ -124,7 +124,7 @@ RESUME_SAFE_KEYS = (
     "total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "progress_bar",
     "stop_after_steps", "resume_policy", "lock_stale_seconds", "distributed_timeout", "sharding_rules",
     "data.data_dir", "data.eval_split", "data.num_threads", "data.prefetch", "model.remat",
-    "model.attention.backend", "model.attention.block_q", "model.attention.block_k",
+    "model.remat_policy", "model.attention.backend", "model.attention.block_q", "model.attention.block_k",
     "model.attention.record_max_logit")
 RESUME_SAFE_PREFIXES = ("mesh.", "evals.", "init_from.")  # init_from only shapes a fresh start.
 
