@@ -100,6 +100,7 @@ def base_config(task: str = "classification", model: Optional[str] = None) -> ml
     c.keep_checkpoints = 3  # Checkpoints kept on disk.
     c.async_checkpointing = True  # Write checkpoints in a background thread.
     c.progress_bar = True  # Live tqdm progress bar on the main process.
+    c.profile_steps = ()  # (first, last): write a jax.profiler trace of these steps to <workdir>/profile.
     c.stop_after_steps = -1  # Stop (with a checkpoint) after this many steps of this run (-1 = never; for tests).
     # Resuming with a config that differs from the checkpoint's in a key that breaks exact resumption (model, task,
     # data, optimizer, seed, batch size, ...): 'strict' stops and lists them, 'force' resumes anyway (recorded in
@@ -122,7 +123,7 @@ RESUME_POLICIES = ("strict", "force")
 # to come (evaluation, logging, checkpoint cadence, the mesh, the attention kernel, probes, the run's length).
 RESUME_SAFE_KEYS = (
     "total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "progress_bar",
-    "stop_after_steps", "resume_policy", "lock_stale_seconds", "distributed_timeout", "sharding_rules",
+    "stop_after_steps", "resume_policy", "lock_stale_seconds", "distributed_timeout", "sharding_rules", "profile_steps",
     "data.data_dir", "data.eval_split", "data.num_threads", "data.prefetch", "model.remat",
     "model.remat_policy", "model.attention.backend", "model.attention.block_q", "model.attention.block_k",
     "model.attention.record_max_logit")
@@ -225,6 +226,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     for key in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         if int(config[key]) < 1:
             _fail(key, config[key], "must be >= 1")
+    profile = tuple(config.profile_steps)
+    if profile and (len(profile) != 2 or not all(isinstance(v, int) for v in profile)
+                    or not 1 <= profile[0] <= profile[1] <= int(config.total_steps)):
+        _fail("profile_steps", profile, f"must be () or (first, last) with 1 <= first <= last <= total_steps="
+              f"{config.total_steps}")
     if config.resume_policy not in RESUME_POLICIES:
         _fail("resume_policy", config.resume_policy, f"must be one of {RESUME_POLICIES}")
     if config.lock_stale_seconds <= 0:

@@ -26,9 +26,11 @@ from maskjax.evaluate.evaluators import build_evaluators, due
 from maskjax.models.layers import params_layout, scan_layout, unrolled_layout
 from maskjax.tasks import make_task
 from maskjax.train import checkpoint as ckpt_lib
+from maskjax.train import devices as devices_lib
 from maskjax.train import sharding as sharding_lib
 from maskjax.train import workdir as workdir_lib
 from maskjax.train.config import flat_config, resume_changes, validate
+from maskjax.train.flops import model_flops_per_step
 from maskjax.train.metrics import MetricWriter
 from maskjax.train.optim import make_optimizer
 
@@ -278,6 +280,24 @@ class Trainer:
 
     def batch_shardings(self, batch: dict) -> dict:
         return {k: sharding_lib.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+
+    def throughput_basis(self) -> dict:
+        """{'model_flops': model FLOPs of one step on the global batch (`flops.model_flops_per_step`: 3x the
+        forward matmuls), 'devices', 'device_kind', 'peak_flops' (per device, None when the kind has no entry in
+        `devices.DEVICE_KINDS` or no peak, e.g. CPU: no MFU then)}. Traced once, nothing compiled."""
+        if getattr(self, "_throughput", None) is None:
+            sample = self._sample_batch()
+            batch = {k: jax.ShapeDtypeStruct((self.config.batch_size,) + v.shape[1:], v.dtype)
+                     for k, v in sample.items()}
+            key, step = jax.random.key(0), jnp.zeros((), jnp.int32)
+            with _mesh_context(self.mesh, self.rules):
+                flops, whiles = model_flops_per_step(lambda p, b: self.task.loss(p, b, key, True, step)[0],
+                                                     self._abstract_state.params, batch)
+            kind = devices_lib.detect_device_kind(self.mesh.devices.flat[0])
+            peak = devices_lib.device_spec(kind).peak_flops if kind else None
+            self._throughput = {"model_flops": flops, "devices": int(self.mesh.devices.size), "device_kind": kind,
+                                "peak_flops": peak, "unbounded_loops": whiles}
+        return self._throughput
 
     def _make_train_step(self) -> Callable:
         task, tx, schedule = self.task, self.tx, self.schedule
@@ -590,7 +610,18 @@ class Trainer:
                             desc="train")
         train_metrics, eval_metrics, stopped_early, eval_step = {}, {}, False, None
         step = start_step
-        window = {"start": time.perf_counter(), "first": step + 1, "acc": None}
+        # Throughput counts the steps dispatched since `start` (host side): the first step's compile, evaluations
+        # and saves restart the clock and are never counted.
+        window = {"start": time.perf_counter(), "first": step + 1, "acc": None, "timed": 0}
+        basis = self.throughput_basis()
+        if self.is_main and basis["peak_flops"] is None:
+            print(f"Throughput: {basis['model_flops'] / 1e9:.2f} model GFLOP per step; no MFU on "
+                  f"{self.mesh.devices.flat[0].device_kind!r} (no peak FLOP/s in maskjax.train.devices).", flush=True)
+        profile = tuple(self.config.profile_steps)
+        profile_dir = os.path.join(self.workdir, "profile")
+
+        def restart_clock():
+            window.update(start=time.perf_counter(), timed=0)
 
         def check_window(log: bool) -> dict:
             """The loop's device-to-host reads, at sync steps only: at log steps the window's metric means (one
@@ -609,8 +640,14 @@ class Trainer:
             count = max(int(host["steps"]), 1)
             means = {k: float(v) / count for k, v in host["sums"].items()}
             elapsed = time.perf_counter() - window["start"]
-            means["images_per_second"] = count * config.batch_size / max(elapsed, 1e-9)
-            window.update(start=time.perf_counter(), first=step + 1, acc=None)
+            if window["timed"]:  # the step rate of this window (host reads above waited for its steps)
+                steps_per_second = window["timed"] / max(elapsed, 1e-9)
+                means["images_per_second"] = steps_per_second * config.batch_size
+                means["model_tflops_per_device"] = steps_per_second * basis["model_flops"] / basis["devices"] / 1e12
+                if basis["peak_flops"]:
+                    means["mfu"] = means["model_tflops_per_device"] * 1e12 / basis["peak_flops"]
+            window.update(first=step + 1, acc=None)
+            restart_clock()
             return means
 
         try:
@@ -626,8 +663,23 @@ class Trainer:
                 sync = log or evals_due or save_due
                 # A step that is not a sync point must not read anything back from the devices (asynchronous
                 # dispatch); `step_guard` lets a test forbid it for the whole iteration.
+                if profile and next_step == profile[0]:
+                    jax.block_until_ready(state)
+                    jax.profiler.start_trace(profile_dir)
+                    window["profiling"] = True
                 with contextlib.nullcontext() if sync else self.step_guard():
                     state, metrics = self.train_step(state, self.to_global(local_batch))
+                    if step == start_step:  # this call compiled the step: time from its end
+                        jax.block_until_ready(state.step)
+                        restart_clock()
+                    else:
+                        window["timed"] += 1
+                    if window.get("profiling") and next_step == profile[1]:
+                        jax.block_until_ready(state)
+                        jax.profiler.stop_trace()
+                        window["profiling"] = False
+                        if self.is_main:
+                            print(f"Wrote a profile of steps {profile[0]}-{profile[1]} to {profile_dir}", flush=True)
                     if window["acc"] is None:
                         window["acc"] = _zero_accumulator(metrics)
                     window["acc"] = self._accumulate(window["acc"], metrics, state.step)
@@ -641,13 +693,13 @@ class Trainer:
                             writer.write_scalars(step, means, prefix="train")
                             if progress is not None:
                                 progress.set_postfix(loss=f"{means['loss']:.4f}",
-                                                     img_s=f"{means['images_per_second']:.0f}")
+                                                     img_s=f"{means.get('images_per_second', float('nan')):.0f}")
                     if evals_due:
                         eval_metrics, eval_step = self.evaluate(state.params, step, writer), step
-                        window["start"] = time.perf_counter()
+                        restart_clock()
                     if save_due:
                         self._save_or_stop(save, step, state, checkpointer)
-                        window["start"] = time.perf_counter()  # images/s measures training, not saving
+                        restart_clock()  # images/s measures training, not saving
                     # At the last step training is complete and saved: a signal there lets the final evaluation
                     # run. Several processes agree on stopping at sync steps only (the agreement is a collective).
                     if step < config.total_steps and (sync or jax.process_count() == 1) \
@@ -659,6 +711,8 @@ class Trainer:
             if not stopped_early:
                 eval_metrics, eval_step = self.evaluate(state.params, step, writer, final=True), step
         finally:
+            if window.get("profiling"):  # stopped inside the profiled steps
+                jax.profiler.stop_trace()
             checkpointer.close()
             writer.close()
             if progress is not None:

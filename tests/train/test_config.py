@@ -44,6 +44,7 @@ def test_base_config_is_valid_on_any_device_count():
                                                    r"(, \w+)*\. Did you mean 'metrics'\?")),
     (dict(evals__eval__every=-2), "config.evals.eval.every=-2"),
     (dict(model__remat_policy="everything"), "config.model.remat_policy='everything': must be one of"),
+    (dict(profile_steps=(3, 2)), "config.profile_steps=(3, 2): must be () or (first, last)"),
     (dict(model__scan_layers=True, model__attention__approx_layers=(0,)), "config.model.scan_layers=True"),
     (dict(model__scan_layers=True, model__attention__mask="swin"), "model.attention.mask='swin' with shifted"),
     (dict(evals__eval__examplez=3), "Unknown config key 'evals.eval.examplez'. Did you mean 'evals.eval.examples'"),

@@ -159,7 +159,8 @@ def test_the_guard_catches_the_reads_of_a_per_step_fetch():
 
 def test_steps_between_log_points_never_read_from_the_devices(tmp_path):
     trainer = Trainer(tiny_config(total_steps=9, log_every=3, checkpoint_every=9, evals__eval__every=0,
-                                  evals__predictions__every=-1), str(tmp_path), devices=jax.devices()[:2])
+                                  evals__predictions__every=-1, profile_steps=(4, 5)), str(tmp_path),
+                      devices=jax.devices()[:2])
     guarded = []
 
     def guard():
@@ -171,6 +172,16 @@ def test_steps_between_log_points_never_read_from_the_devices(tmp_path):
     assert len(guarded) == 6  # steps 1, 2, 4, 5, 7, 8; steps 3, 6, 9 log
     records = [r for r in read_jsonl(result.paths["metrics"]) if "train/loss" in r]
     assert [r["step"] for r in records] == [3, 6, 9]
+    # Throughput: model TFLOP/s per device = steps/s x model FLOPs per step / devices; no MFU without a known peak.
+    basis = trainer.throughput_basis()
+    assert basis["devices"] == 2 and basis["peak_flops"] is None and basis["model_flops"] > 0
+    for r in records:
+        steps_per_second = r["train/images_per_second"] / trainer.config.batch_size
+        np.testing.assert_allclose(r["train/model_tflops_per_device"],
+                                   steps_per_second * basis["model_flops"] / 2 / 1e12, rtol=1e-9)
+        assert "train/mfu" not in r
+    traces = [f for _, _, files in os.walk(os.path.join(str(tmp_path), "profile")) for f in files]
+    assert any(f.endswith(".xplane.pb") for f in traces), traces
 
 
 def test_logged_metrics_are_window_means(tmp_path):
