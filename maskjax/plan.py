@@ -15,22 +15,30 @@ program is never run). Nothing is allocated at the full size. From that it repor
   and schedule, not the TPU/GPU one (their fusion, rematerialisation and scheduling differ; bf16 matmuls may keep f32
   temporaries on CPU).
 - FLOPs: matmul FLOPs (dot and convolution instructions of the compiled per-device program, 2 x MACs, loop bodies
-  times their trip count) and XLA's `compiled.cost_analysis()['flops']` (every op; on jax 0.10 it is per device, as
-  the comparison with the unpartitioned program printed in the notes shows, and it counts a while-loop body once).
-  MFU uses model FLOPs: the matmul FLOPs of the unpartitioned program / devices (with `model.remat` on, counted on a
-  lowering without remat, so recomputation is overhead, not useful work).
+  times their trip count) and XLA's `compiled.cost_analysis()['flops']` (every op; on jax 0.10.2 it is per
+  device: the table compares it with `lowered.cost_analysis()` of the unpartitioned program; it counts a while-loop
+  body once).
+  MFU uses model FLOPs: 3x the forward matmul FLOPs of the loss on the global batch, / devices
+  (`maskjax.train.flops`, the same definition as the trainer's MFU logs; remat recomputation is not useful work).
 - collectives: bytes each device sends per step, per kind, read from the HLO right after SPMD partitioning (the
   partitioner is the same on every backend; later XLA CPU passes promote bf16 all-reduces to f32 and never form
   reduce-scatters). An all-reduce whose only users slice 1/n of it is counted as the reduce-scatter that TPU/GPU
   pipelines make of it. Ring factors for a group of n devices, S = the per-device result bytes: all-reduce
   2(n-1)/n S, all-gather (n-1)/n S, reduce-scatter (n-1) S, all-to-all (n-1)/n S, collective-permute S.
-- step time: compute = model-agnostic matmul FLOPs / peak, memory = bytes accessed / HBM bandwidth (operand + result
-  bytes of every top-level op of the compiled CPU program, loops times their trip count), communication = sum over
+- HBM traffic, two bounds: matmul bytes (operands and results of the dot / convolution instructions of the
+  partitioned program, in its dtypes: what remains if every elementwise op fuses into a matmul, as TPU/GPU XLA
+  largely does) and the whole CPU program (operand + result bytes of every top-level op of the compiled CPU
+  program: XLA CPU's fusion, and its matmuls in f32).
+- step time: compute = matmul FLOPs / peak, memory = matmul bytes / HBM bandwidth, communication = sum over
   collectives of bytes / bandwidth (the device kind's `collective_bandwidth` inside a domain, `scaleout_bandwidth`
   for groups spanning domains of `domain_size` devices in mesh order). Predicted step = max(compute, memory) +
-  communication (no overlap: an upper estimate); the fully overlapped max(compute, memory, communication) is given
-  too. MFU = model FLOPs / (step time x peak).
-- fit: arguments + outputs - donated aliases + temporaries against the device kind's HBM.
+  communication (nothing overlapped: an upper estimate); also given: fully overlapped max(compute, memory,
+  communication), and the pessimistic step with memory = the whole CPU program's traffic.
+  MFU = model FLOPs / (step time x peak). Not modelled: per-collective latency (hundreds of small all-reduces
+  before XLA combines them), kernel launch overheads, the input pipeline, loops whose trip count depends on data
+  (counted once, and named in the notes).
+- fit: arguments + outputs - donated aliases + temporaries + captured constants (arrays the step closes over, such
+  as a frozen tokenizer: HLO constants, which memory_analysis() leaves out) against the device kind's HBM.
 
 Errors (unknown device kind, bad --mesh, a mesh that does not divide the devices, config errors) come before any
 compile. Library use: `plan(config, device_kind=..., devices=jax.devices()[:n])` returns the same numbers as a dict.
@@ -38,11 +46,12 @@ compile. Library use: `plan(config, device_kind=..., devices=jax.devices()[:n])`
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import datetime
 import glob
 import inspect
+import io
 import json
 import math
 import os
@@ -105,7 +114,7 @@ def apply_mesh(config, mesh: dict[str, int], num_devices: int, mesh_text: str = 
 _ITEMSIZE = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
              "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|bf16|f16|f32|f64|c64|c128|f8e\w+)\[([^\]]*)\]")
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s*\(.*->.*\{\s*$")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s*(?:\(.*->.*)?\{\s*$")
 _CALLEE_KEYS = ("calls", "to_apply", "body", "condition", "true_computation", "false_computation")
 
 
@@ -139,6 +148,21 @@ def _balanced(text: str, start: int) -> int:
     return len(text)
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Splits at commas outside (), [] and {} (operands may carry inline shapes such as f32[2,3]{1,0} %x)."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
 @dataclasses.dataclass
 class Instruction:
     name: str
@@ -168,7 +192,7 @@ def _parse_instruction(line: str) -> Optional[Instruction]:
     open_at = op_match.end() - 1
     close = _balanced(rest, open_at)
     operand_text = rest[open_at + 1:close - 1]
-    operands = re.findall(r"%([^\s,()]+)", operand_text)
+    operands = [part.split()[-1].lstrip("%") for part in _split_top_level(operand_text) if part.strip()]
     return Instruction(match.group(1), shape, op_match.group(1), operands, rest[close:], operand_text)
 
 
@@ -293,20 +317,31 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
 
 
 def compute_stats(module: HloModule) -> dict[str, float]:
-    """Matmul FLOPs and bytes accessed per execution of a (per-device) module, loops times their trip count."""
-    flops, traffic = 0.0, 0.0
+    """Per execution of a (per-device) module, loops times their trip count: matmul FLOPs; bytes accessed (operand
+    and result bytes of every top-level op: fused kernels count once, at their boundary); matmul bytes (operand and
+    result bytes of the dot / convolution instructions alone, wherever they are)."""
+    flops, traffic, matmul_traffic, constants = 0.0, 0.0, 0.0, 0.0
     for name, instructions in module.computations.items():
         weight = module.multiplicity.get(name, 0.0)
         if not weight:
             continue
         symbols = _symbols(instructions)
         for instruction in instructions:
+            if instruction.op == "constant" and name in module.top_level:
+                constants += shape_bytes(instruction.shape)  # arrays the program captured (a frozen tokenizer)
+            moved = None
             if instruction.op in ("dot", "convolution"):
                 flops += weight * _dot_flops(instruction, symbols)
+                moved = shape_bytes(instruction.shape) + sum(shape_bytes(symbols.get(o, ""))
+                                                             for o in instruction.operands)
+                matmul_traffic += weight * moved
             if name in module.top_level and instruction.op not in _NO_TRAFFIC:
-                traffic += weight * (shape_bytes(instruction.shape)
-                                     + sum(shape_bytes(symbols.get(o, "")) for o in instruction.operands))
-    return {"matmul_flops": flops, "bytes_accessed": traffic}
+                if moved is None:
+                    moved = shape_bytes(instruction.shape) + sum(shape_bytes(symbols.get(o, ""))
+                                                                 for o in instruction.operands)
+                traffic += weight * moved
+    return {"matmul_flops": flops, "bytes_accessed": traffic, "matmul_bytes": matmul_traffic,
+            "constant_bytes": constants}
 
 
 def _iota_ids(spec: str) -> Optional[np.ndarray]:
@@ -436,9 +471,10 @@ def _image_channels(config, default: int) -> tuple[int, str]:
     data = config.data
     try:
         video = {"num_frames": data.num_frames} if data.num_frames > 0 else {}
-        source = pipeline.make_source(data.name, data.train_split, seed=data.seed, image_size=data.image_size,
-                                      data_dir=data.data_dir or None, **video)
-        return int(np.shape(source[0]["image"])[-1]), ""
+        with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints banners when a builder is missing
+            source = pipeline.make_source(data.name, data.train_split, seed=data.seed, image_size=data.image_size,
+                                          data_dir=data.data_dir or None, **video)
+            return int(np.shape(source[0]["image"])[-1]), ""
     except Exception as error:  # noqa: BLE001 - any failure to open the data means "not available here"
         first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         return default, (f"data set {data.name!r} is not available here ({first}); planned with {default}-channel "
@@ -527,19 +563,6 @@ def _lower(trainer, jitted, root_key_data, sample):
         return jitted.lower(state, batch, root_key_data)
 
 
-def _model_flops(config, devices, channels, lowered) -> tuple[float, str]:
-    """Matmul FLOPs of the unpartitioned step (all devices together), without remat recomputation."""
-    note = ""
-    if config.model.get("remat", False):
-        config = copy.deepcopy(config)
-        config.model.remat = False
-        trainer, jitted, key, sample = planning_trainer(config, devices, channels)
-        lowered = _lower(trainer, jitted, key, sample)
-        note = "model FLOPs counted on a lowering with model.remat=False (recomputation is not useful work)"
-    text = lowered.as_text(dialect="hlo")
-    return compute_stats(analyse_hlo(text))["matmul_flops"], note
-
-
 def plan(config, *, device_kind: str, devices: Optional[Sequence[Any]] = None, channels: Optional[int] = None,
          compile_options: Optional[dict] = None, keep_hlo: Optional[str] = None) -> dict:
     """Plans `config` on `devices` (default: all) as if they were `device_kind`. Returns the numbers as a dict."""
@@ -561,24 +584,24 @@ def plan(config, *, device_kind: str, devices: Optional[Sequence[Any]] = None, c
     lowered = _lower(trainer, jitted, root_key_data, sample)
     times["trace_and_lower_s"] = time.perf_counter() - start
     global_cost = lowered.cost_analysis() or {}
-    dump = tempfile.TemporaryDirectory(prefix="maskjax_plan_")
     options = dict(FAST_COMPILE_OPTIONS if compile_options is None else compile_options)
-    options.update(xla_dump_to=dump.name, xla_dump_hlo_pass_re="spmd-partitioning")
-    start = time.perf_counter()
-    compiled = lowered.compile(compiler_options=options)
-    times["compile_s"] = time.perf_counter() - start
-    partitioned = sorted(glob.glob(os.path.join(dump.name, "*after_spmd-partitioning*.txt")))
-    if not partitioned:
-        raise RuntimeError(f"XLA wrote no HLO after SPMD partitioning to {dump.name} (xla_dump_hlo_pass_re)")
-    with open(partitioned[-1]) as f:
-        partitioned_text = f.read()
+    with tempfile.TemporaryDirectory(prefix="maskjax_plan_") as dump:
+        # XLA writes the module after SPMD partitioning (plus its usual dump files) here; read, then deleted.
+        options.update(xla_dump_to=dump, xla_dump_hlo_pass_re="spmd-partitioning")
+        start = time.perf_counter()
+        compiled = lowered.compile(compiler_options=options)
+        times["compile_s"] = time.perf_counter() - start
+        partitioned = sorted(glob.glob(os.path.join(dump, "*after_spmd-partitioning*.txt")))
+        if not partitioned:
+            raise RuntimeError(f"XLA wrote no HLO after SPMD partitioning to {dump} (xla_dump_hlo_pass_re)")
+        with open(partitioned[-1]) as f:
+            partitioned_text = f.read()
     compiled_text = compiled.as_text()
     if keep_hlo:
         os.makedirs(keep_hlo, exist_ok=True)
         for name, text in (("after_spmd_partitioning.txt", partitioned_text), ("compiled_cpu.txt", compiled_text)):
             with open(os.path.join(keep_hlo, name), "w") as f:
                 f.write(text)
-    dump.cleanup()
 
     cost = compiled.cost_analysis() or {}
     memory = compiled.memory_analysis()
@@ -586,25 +609,32 @@ def plan(config, *, device_kind: str, devices: Optional[Sequence[Any]] = None, c
     device_stats = compute_stats(module)
     if module.unknown_loops:
         notes.append(f"compiled program: while loops with unknown trip count counted once: {module.unknown_loops}")
+    partitioned_stats = compute_stats(analyse_hlo(partitioned_text))
     collectives = collective_stats(partitioned_text, len(devices), spec.domain_size)
     notes.extend(collectives.pop("_notes"))
-    model_flops_global, note = _model_flops(config, devices, channels, lowered)
-    if note:
-        notes.append(note)
+    # The trainer's definition (its MFU logs): 3x the forward matmuls of the loss, remat recomputation not counted.
+    model_flops_global = trainer.throughput_basis()["model_flops"]
     n = len(devices)
     model_flops = model_flops_global / n
 
     xla_flops = float(cost.get("flops", 0.0))
     global_flops = float(global_cost.get("flops", 0.0))
     scope_ratio = xla_flops * n / global_flops if global_flops else float("nan")
-    cost_scope = ("per device" if 0.5 < scope_ratio < 2.0 else "global" if 0.5 < xla_flops / max(global_flops, 1)
-                  < 2.0 else "unclear")
+    # A per-device count of a program split over n > 1 devices is below the unpartitioned program's count (it is
+    # about 1/n of it, more where work is replicated); a global count would be about equal to it.
+    if n == 1 or not global_flops:
+        cost_scope = "one device"
+    else:
+        cost_scope = "per device" if xla_flops < 0.9 * global_flops else "global (or fully replicated work)"
 
     memory_stats = {k: float(getattr(memory, k, 0) or 0) for k in (
         "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
         "generated_code_size_in_bytes", "peak_memory_in_bytes")}
+    # Arrays a step captures (e.g. a frozen tokenizer's parameters) are HLO constants, which memory_analysis() leaves
+    # out; on an accelerator they sit in every device's memory.
     total = (memory_stats["argument_size_in_bytes"] + memory_stats["output_size_in_bytes"]
-             - memory_stats["alias_size_in_bytes"] + memory_stats["temp_size_in_bytes"])
+             - memory_stats["alias_size_in_bytes"] + memory_stats["temp_size_in_bytes"]
+             + device_stats["constant_bytes"])
 
     mesh_shape = {axis: int(trainer.mesh.shape[axis]) for axis in MESH_AXES}
     result = {
@@ -618,6 +648,7 @@ def plan(config, *, device_kind: str, devices: Optional[Sequence[Any]] = None, c
             "arguments_bytes": memory_stats["argument_size_in_bytes"],
             "outputs_bytes": memory_stats["output_size_in_bytes"],
             "donated_alias_bytes": memory_stats["alias_size_in_bytes"],
+            "constants_bytes": device_stats["constant_bytes"],
             "xla_peak_memory_bytes": memory_stats["peak_memory_in_bytes"],
             "total_bytes": total,
             "hbm_bytes": spec.hbm_bytes,
@@ -631,8 +662,12 @@ def plan(config, *, device_kind: str, devices: Optional[Sequence[Any]] = None, c
             "cost_analysis_scope": cost_scope,
             "cost_analysis_ratio": scope_ratio,
         },
-        "bytes_accessed_per_device": device_stats["bytes_accessed"],
-        "xla_cost_analysis_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        "traffic": {
+            # HBM traffic per device per step, two bounds (see the module docstring).
+            "matmul_bytes": partitioned_stats["matmul_bytes"],  # dot/conv operands + results, program dtypes
+            "cpu_program_bytes": device_stats["bytes_accessed"],  # every top-level op of the XLA CPU program
+            "xla_cost_analysis_bytes_accessed": float(cost.get("bytes accessed", 0.0)),  # loop bodies once
+        },
         "collectives": collectives,
         "times": times,
         "notes": notes,
@@ -646,7 +681,8 @@ def predict(result: dict, spec: DeviceSpec) -> dict:
     if spec.peak_flops is None or spec.hbm_bandwidth is None:
         return {"step_s": None, "mfu": None, "why": f"device kind {spec.name!r} has no peak figures"}
     compute = result["flops"]["matmul_flops_per_device"] / spec.peak_flops
-    memory = result["bytes_accessed_per_device"] / spec.hbm_bandwidth
+    memory = result["traffic"]["matmul_bytes"] / spec.hbm_bandwidth
+    memory_cpu = result["traffic"]["cpu_program_bytes"] / spec.hbm_bandwidth
     comm_by_kind = {}
     for kind, entry in result["collectives"].items():
         inside = entry["bytes"] - entry["bytes_scaleout"]
@@ -660,21 +696,41 @@ def predict(result: dict, spec: DeviceSpec) -> dict:
     comm = sum(comm_by_kind.values())
     step = max(compute, memory) + comm
     overlapped = max(compute, memory, comm)
+    step_cpu = max(compute, memory_cpu) + comm
     model_flops = result["flops"]["model_flops_per_device"]
-    return {"compute_s": compute, "memory_s": memory, "communication_s": comm, "communication_s_by_kind": comm_by_kind,
-            "step_s": step, "step_s_overlapped": overlapped, "bound": "compute" if compute >= memory else "memory",
-            "mfu": model_flops / (step * spec.peak_flops) if step else None,
-            "mfu_overlapped": model_flops / (overlapped * spec.peak_flops) if overlapped else None,
+
+    def mfu(seconds):
+        return model_flops / (seconds * spec.peak_flops) if seconds else None
+    return {"compute_s": compute, "memory_s": memory, "memory_s_cpu_program": memory_cpu, "communication_s": comm,
+            "communication_s_by_kind": comm_by_kind,
+            "step_s": step, "bound": "compute" if compute >= memory else "memory",
+            "step_s_overlapped": overlapped, "step_s_cpu_program": step_cpu,
+            "mfu": mfu(step), "mfu_overlapped": mfu(overlapped), "mfu_cpu_program": mfu(step_cpu),
             "images_per_second": result["batch_size"] / step if step else None}
 
 
 # ------------------------------------------------------------------------------------------------- output
 def _gib(x: Optional[float]) -> str:
-    return "n/a" if x is None else f"{x / 2 ** 30:,.2f} GiB"
+    """Bytes in binary units (B, KiB, MiB, GiB)."""
+    if x is None:
+        return "n/a"
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(x) >= scale:
+            return f"{x / scale:,.2f} {unit}"
+    return f"{x:,.0f} B"
 
 
 def _ms(x: Optional[float]) -> str:
-    return "n/a" if x is None else f"{x * 1e3:,.1f} ms"
+    if x is None:
+        return "n/a"
+    return f"{x * 1e3:,.1f} ms" if x >= 1e-3 else f"{x * 1e6:,.1f} us"
+
+
+def _flop(x: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(x) >= scale:
+            return f"{x / scale:,.2f} {unit}"
+    return f"{x:,.0f} FLOP"
 
 
 def table_lines(result: dict) -> list[str]:
@@ -688,13 +744,17 @@ def table_lines(result: dict) -> list[str]:
         ("parameters", _gib(m["params_bytes"])),
         ("optimizer state", _gib(m["opt_state_bytes"])),
         ("activations + temporaries (XLA CPU)", _gib(m["activations_and_temporaries_bytes"])),
-        ("total: args + outputs - donated + temps", _gib(m["total_bytes"])),
+        ("captured constants (e.g. frozen weights)", _gib(m["constants_bytes"])),
+        ("total: args + outputs - donated + temps + constants", _gib(m["total_bytes"])),
         ("HBM / fits", f"{_gib(m['hbm_bytes'])} / "
                        f"{'n/a' if m['fits'] is None else ('yes' if m['fits'] else 'NO')}"),
-        ("matmul FLOPs per step (model FLOPs)", f"{f['matmul_flops_per_device'] / 1e12:,.2f} TFLOP "
-                                                f"({f['model_flops_per_device'] / 1e12:,.2f})"),
-        ("XLA cost_analysis FLOPs", f"{f['xla_cost_analysis_flops'] / 1e12:,.2f} TFLOP ({f['cost_analysis_scope']})"),
-        ("bytes accessed (HBM traffic estimate)", _gib(result["bytes_accessed_per_device"])),
+        ("matmul FLOPs per step (model FLOPs)", f"{_flop(f['matmul_flops_per_device'])} "
+                                                f"({_flop(f['model_flops_per_device'])})"),
+        ("XLA cost_analysis FLOPs", f"{_flop(f['xla_cost_analysis_flops'])} ({f['cost_analysis_scope']}: x "
+                                    f"{result['devices']} = {f['cost_analysis_ratio']:.2f} x the unpartitioned "
+                                    "program's; loop bodies once)"),
+        ("HBM traffic: matmul operands / whole CPU program", f"{_gib(result['traffic']['matmul_bytes'])} / "
+                                                             f"{_gib(result['traffic']['cpu_program_bytes'])}"),
     ]
     for kind in COLLECTIVE_KINDS:
         entry = result["collectives"][kind]
@@ -708,6 +768,9 @@ def table_lines(result: dict) -> list[str]:
             ("predicted step: max(compute, memory) + comm", f"{_ms(p['step_s'])} ({p['bound']}-bound; "
                                                             f"{p['images_per_second']:,.0f} images/s)"),
             ("MFU (no overlap / full overlap)", f"{100 * p['mfu']:.1f} % / {100 * p['mfu_overlapped']:.1f} %"),
+            ("pessimistic: memory = whole CPU program", f"memory {_ms(p['memory_s_cpu_program'])}, step "
+                                                        f"{_ms(p['step_s_cpu_program'])}, MFU "
+                                                        f"{100 * p['mfu_cpu_program']:.1f} %"),
         ]
     else:
         rows.append(("step time / MFU", f"n/a ({p['why']})"))
@@ -727,11 +790,35 @@ def _git_commit() -> str:
 
 
 # ------------------------------------------------------------------------------------------- command line
+def _set_cpu_devices(argv: list[str]) -> None:
+    """Host CPU platform with --devices devices, before the backend starts (a bad value is reported later)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--devices="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--devices" and i + 1 < len(argv):
+            value = argv[i + 1]
+    try:
+        count = int(value) if value is not None else 0
+    except ValueError:
+        return
+    if count >= 1:
+        import jax
+        try:
+            jax.config.update("jax_platforms", "cpu")  # the planner compiles for host CPU devices only
+            jax.config.update("jax_num_cpu_devices", count)
+        except RuntimeError:
+            pass  # the backend already runs (in-process use): main() reports a device-count mismatch
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from absl import flags
     from ml_collections import config_flags
 
     argv = list(sys.argv if argv is None else argv)
+    # The device count must be set before anything runs a JAX operation (the config's validation does), so it is
+    # read ahead of the flag parsing.
+    _set_cpu_devices(argv)
     flag_values = flags.FlagValues()
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.",
                                                   flag_values=flag_values, lock_config=True)
@@ -781,8 +868,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                  "scale-out bandwidth is recorded for it in maskjax/train/devices.py")
 
     import jax
-    jax.config.update("jax_platforms", "cpu")  # the planner compiles for host CPU devices only
-    jax.config.update("jax_num_cpu_devices", num_devices)
     if jax.device_count() != num_devices:
         sys.exit(f"Error: asked for {num_devices} CPU devices but the backend has {jax.device_count()} (was it "
                  "initialised before maskjax.plan set jax_num_cpu_devices?)")
