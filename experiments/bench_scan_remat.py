@@ -14,7 +14,7 @@ Sections:
            batch 8; the two layouts alternate for 2 rounds, each a fresh jit after `jax.clear_caches()`; medians.
   memory   `compiled.memory_analysis()` of {unrolled, scanned} x {no remat, nothing_saveable, dots_saveable,
            minimal} at batch 32: peak = temp + arguments + outputs - alias, and temp alone; FLOPs from
-           `compiled.cost_analysis()` and a matmul FLOP count of the step's jaxpr (see `dot_flops`).
+           `compiled.cost_analysis()` and a matmul FLOP count of the step's jaxpr (`maskjax.train.flops.matmul_flops`).
 
 Writes experiments/results/scan_remat.{md,json} (--quick: scan_remat_quick.{md,json}); a run of some sections keeps
 the others from the previous JSON. XLA_PYTHON_CLIENT_PREALLOCATE=false; XLA optimisations are left on (programs are
@@ -42,10 +42,10 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.extend import core as jcore  # noqa: E402
 
 from maskjax.models.layers import REMAT_POLICIES, SCANNED_BLOCKS  # noqa: E402
 from maskjax.models.vit import ViT, decode_variant  # noqa: E402
+from maskjax.train.flops import matmul_flops  # noqa: E402
 
 SECTIONS = ("compile", "memory")
 LAYOUTS = ("unrolled", "scanned")
@@ -100,41 +100,6 @@ def xla_flops(compiled) -> float:
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return float((analysis or {}).get("flops", float("nan")))
-
-
-def dot_flops(jaxpr) -> tuple[float, list]:
-    """2 * multiply-adds of every dot_general and convolution in a jaxpr, recursing into sub-jaxprs (remat, pjit,
-    custom rules) and multiplying scan bodies by their length; cond counts its most expensive branch. Counts what the
-    program asks for (recomputation included), before XLA's simplifications. -> (flops, unbounded while loops)."""
-    total, whiles = 0.0, []
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[i] for i in lhs_contract])
-        elif name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval.shape
-            out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
-            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(rhs) / out_features
-        subs = []
-        for value in eqn.params.values():
-            items = value if isinstance(value, (list, tuple)) else (value,)
-            found = [v.jaxpr if isinstance(v, jcore.ClosedJaxpr) else v for v in items
-                     if isinstance(v, (jcore.ClosedJaxpr, jcore.Jaxpr))]
-            if found:
-                subs.append(found)
-        for group in subs:
-            counts = [dot_flops(j) for j in group]
-            for _, w in counts:
-                whiles.extend(w)
-            flops = max(c for c, _ in counts) if name == "cond" else sum(c for c, _ in counts)
-            if name == "scan":
-                flops *= eqn.params["length"]
-            elif name == "while":
-                whiles.append(name)
-            total += flops
-    return total, whiles
 
 
 def check_shapes(cfg: dict, batch: int) -> dict:
@@ -201,9 +166,9 @@ def bench_memory(cfg: dict) -> dict:
             mid = time.perf_counter()
             compiled = lowered.compile()
             end = time.perf_counter()
-            flops, whiles = dot_flops(traced.jaxpr.jaxpr)
+            flops, whiles = matmul_flops(traced.jaxpr)
             row = {"layout": layout, "remat_policy": policy or "none", "memory": memory_of(compiled),
-                   "xla_flops": xla_flops(compiled), "jaxpr_dot_flops": flops, "unbounded_whiles": len(whiles),
+                   "xla_flops": xla_flops(compiled), "jaxpr_dot_flops": flops, "unbounded_whiles": whiles,
                    "lower_s": mid - start, "compile_s": end - mid}
             rows.append(row)
             print(f"  {layout} {row['remat_policy']}: peak {row['memory']['peak'] / MIB:.0f} MiB, temp "
