@@ -36,11 +36,14 @@ def test_scanned_encoder_equals_unrolled_values_and_gradients(remat, policy):
     (want, want_grads), (got, got_grads) = (jax.value_and_grad(lambda p: loss(reference, p))(unrolled),
                                             jax.value_and_grad(lambda p: loss(model, p))(scanned))
     np.testing.assert_allclose(got, want, rtol=1e-5)
+    # Scan and unrolled sum in other orders: float32 rounding is relative to the largest gradient entries (leaves
+    # such as the key kernels are near-cancelling sums, ~1e-6 here, whose own relative error is large).
+    scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(want_grads))
     for path, g in jax.tree_util.tree_flatten_with_path(unrolled_layout(jax.tree.map(np.asarray, got_grads)))[0]:
         expected = want_grads
         for key in path:
             expected = expected[key.key]
-        np.testing.assert_allclose(g, expected, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(g, expected, rtol=1e-4, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path))
 
 
 def test_layout_conversion_round_trips_and_initialises_the_scanned_shapes():
