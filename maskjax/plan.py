@@ -18,8 +18,8 @@ program is never run). Nothing is allocated at the full size. From that it repor
   times their trip count) and XLA's `compiled.cost_analysis()['flops']` (every op; on jax 0.10.2 it is per
   device: the table compares it with `lowered.cost_analysis()` of the unpartitioned program; it counts a while-loop
   body once).
-  MFU uses model FLOPs: 3x the forward matmul FLOPs of the loss on the global batch, / devices
-  (`maskjax.train.flops`, the same definition as the trainer's MFU logs; remat recomputation is not useful work).
+  MFU uses model FLOPs: the forward + backward matmul FLOPs of the loss on the global batch without remat, /
+  devices (`maskjax.train.flops`, the same definition as the trainer's MFU logs; recomputation is not useful work).
 - collectives: bytes each device sends per step, per kind, read from the HLO right after SPMD partitioning (the
   partitioner is the same on every backend; later XLA CPU passes promote bf16 all-reduces to f32 and never form
   reduce-scatters). An all-reduce whose only users slice 1/n of it is counted as the reduce-scatter that TPU/GPU
@@ -612,7 +612,7 @@ def plan(config, *, device_kind: str, devices: Optional[Sequence[Any]] = None, c
     partitioned_stats = compute_stats(analyse_hlo(partitioned_text))
     collectives = collective_stats(partitioned_text, len(devices), spec.domain_size)
     notes.extend(collectives.pop("_notes"))
-    # The trainer's definition (its MFU logs): 3x the forward matmuls of the loss, remat recomputation not counted.
+    # The trainer's definition (its MFU logs): forward + backward matmuls of the loss, traced without remat.
     model_flops_global = trainer.throughput_basis()["model_flops"]
     n = len(devices)
     model_flops = model_flops_global / n

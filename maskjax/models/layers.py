@@ -5,6 +5,7 @@ Every parameter is boxed with `nn.with_logical_partitioning` using the logical a
 trainer can shard any of these modules by config rules. Activations are `[batch, tokens, features]`.
 """
 
+import contextlib
 import functools
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -403,6 +404,20 @@ SCANNED_BLOCKS = "blocks"  # The scanned encoder's module name; its parameters c
 LAYER_AXIS = "layers"  # Logical name of that axis (never sharded by the default rules).
 
 
+_REMAT_ENABLED = [True]
+
+
+@contextlib.contextmanager
+def remat_disabled():
+    """Within this context, models are traced without rematerialisation (FLOP counts: recomputed work is not
+    model work). Tracing only: a jitted function keeps what it was traced with."""
+    _REMAT_ENABLED[0] = False
+    try:
+        yield
+    finally:
+        _REMAT_ENABLED[0] = True
+
+
 def remat_policy(name: str) -> Callable:
     """The `jax.checkpoint` policy called `name` (a key of REMAT_POLICIES); ValueError naming it otherwise."""
     if name not in REMAT_POLICIES:
@@ -485,7 +500,7 @@ class Encoder(nn.Module):
 
     def _unrolled(self, x, mask, train, cache_positions, blocks, policy):
         block_cls = Encoder1DBlock
-        if self.remat:
+        if self.remat and _REMAT_ENABLED[0]:
             block_cls = nn.remat(Encoder1DBlock, static_argnums=(3,), policy=policy)
         layer_masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * self.depth
         aux = {}
@@ -514,7 +529,7 @@ class Encoder(nn.Module):
                                  "(e.g. shifted Swin windows); use the unrolled layout")
             mask = mask[0]
         step = _ScanStep
-        if self.remat:
+        if self.remat and _REMAT_ENABLED[0]:
             # Inside scan the loop already keeps the recomputation in the backward pass: no CSE barrier needed.
             step = nn.remat(step, policy=policy, prevent_cse=False)
         scan = nn.scan(step, variable_axes={True: 0}, split_rngs={"params": True, "dropout": True, "drop_path": True},

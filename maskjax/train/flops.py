@@ -6,8 +6,9 @@ are counted in the jaxpr, scan bodies times their length and Pallas kernels time
 
     flops = model_flops_per_step(lambda p, b: task.loss(p, b, key, True, step)[0], abstract_params, abstract_batch)
 
-Model FLOPs follow the MFU convention (PaLM, appendix B): 3x the forward matmul FLOPs (the backward pass does two
-matmuls per forward one), whatever remat recomputes; elementwise work is not counted.
+Model FLOPs (the MFU numerator) are the matmul FLOPs of the forward and backward pass with rematerialisation
+switched off (`layers.remat_disabled`): recomputed work is not model work, and parts that are not differentiated
+(a frozen tokenizer or teacher) count their forward only. Elementwise work is not counted.
 """
 
 from typing import Any, Callable
@@ -15,6 +16,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from jax.extend import core as jcore
+
+from maskjax.models.layers import remat_disabled
 
 
 def matmul_flops(jaxpr: Any) -> tuple[float, int]:
@@ -54,8 +57,9 @@ def matmul_flops(jaxpr: Any) -> tuple[float, int]:
     return float(total), whiles
 
 
-def model_flops_per_step(loss_fn: Callable, *abstract_args: Any) -> tuple[float, int]:
-    """(3 x the forward matmul FLOPs of `loss_fn(*abstract_args)`, unbounded while loops) for one step on the
-    global batch; `abstract_args` may be `jax.ShapeDtypeStruct`s (nothing is computed)."""
-    forward, whiles = matmul_flops(jax.make_jaxpr(loss_fn)(*abstract_args))
-    return 3.0 * forward, whiles
+def model_flops_per_step(loss_fn: Callable, abstract_params: Any, *abstract_args: Any) -> tuple[float, int]:
+    """(matmul FLOPs of `jax.value_and_grad(loss_fn)(params, *args)` traced without remat, unbounded while loops)
+    for one step on the global batch; the arguments may be `jax.ShapeDtypeStruct`s (nothing is computed)."""
+    with remat_disabled():
+        jaxpr = jax.make_jaxpr(jax.value_and_grad(loss_fn))(abstract_params, *abstract_args)
+    return matmul_flops(jaxpr)

@@ -282,8 +282,8 @@ class Trainer:
         return {k: sharding_lib.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
 
     def throughput_basis(self) -> dict:
-        """{'model_flops': model FLOPs of one step on the global batch (`flops.model_flops_per_step`: 3x the
-        forward matmuls), 'devices', 'device_kind', 'peak_flops' (per device, None when the kind has no entry in
+        """{'model_flops': model FLOPs of one step on the global batch (`flops.model_flops_per_step`: the
+        forward and backward matmuls without remat), 'devices', 'device_kind', 'peak_flops' (per device, None when the kind has no entry in
         `devices.DEVICE_KINDS` or no peak, e.g. CPU: no MFU then)}. Traced once, nothing compiled."""
         if getattr(self, "_throughput", None) is None:
             sample = self._sample_batch()

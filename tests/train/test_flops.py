@@ -1,4 +1,5 @@
-"""Model FLOPs from the jaxpr: a ViT's matmul count worked out by hand, the same when its blocks are scanned."""
+"""Model FLOPs from the jaxpr: a ViT's matmul count worked out by hand, the same when its blocks are scanned and
+rematerialised (recomputation is not model work)."""
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,8 @@ def test_vit_model_flops_equal_the_count_by_hand(scan_layers):
     forward, whiles = matmul_flops(jax.make_jaxpr(loss)(params, images, labels))
     assert whiles == 0
     np.testing.assert_allclose(forward, expected, rtol=1e-12)
-    np.testing.assert_allclose(model_flops_per_step(loss, params, images, labels)[0], 3 * expected, rtol=1e-12)
-    # The gradient's jaxpr asks for about twice the forward's matmuls again (plus what remat recomputes).
-    backward, _ = matmul_flops(jax.make_jaxpr(jax.grad(loss))(params, images, labels))
-    assert backward >= 2.9 * expected
+    # Forward + backward: every matmul's weight and input gradients cost one forward each, except the patch
+    # embedding's input gradient (the images are not differentiated); remat's recomputation is not counted.
+    embedding = 2.0 * 5 * (16 // 4) ** 2 * (4 * 4 * 3) * 32
+    np.testing.assert_allclose(model_flops_per_step(loss, params, images, labels)[0], 3 * expected - embedding,
+                               rtol=1e-12)
