@@ -74,6 +74,13 @@ def eval_curve(records: list) -> dict[int, dict]:
     return curve
 
 
+def train_minutes(records: list, steps: int, batch: int = 32) -> float:
+    """Minutes of training steps alone: `steps` at the median logged images/s (robust to a run that was paused or
+    resumed, and free of compiles and evaluations, unlike the wall clock)."""
+    rates = [r["train/images_per_second"] for r in records if "train/images_per_second" in r]
+    return steps * batch / statistics.median(rates) / 60 if rates else float("nan")
+
+
 def mean_std(values: list[float]) -> str:
     values = [v for v in values if v == v]
     if not values:
@@ -130,12 +137,13 @@ def main() -> None:
         parser.error(f"--studies: unknown {unknown}; known: {STUDIES + OPTIONAL_STUDIES}")
     command = "python experiments/segmentation/reproduce.py " + " ".join(sys.argv[1:])
     extra = {"evals.eval.every": args.eval_every, "evals.eval.examples": args.eval_examples}
-    runs, curves, seconds = plan(studies, args.seeds), {}, {}
+    runs, curves, seconds, minutes_of = plan(studies, args.seeds), {}, {}, {}
     for name, (config, overrides) in runs.items():
         workdir = os.path.join(args.workdirs, name)
         print(f"== {name}: {config} {overrides} ({args.steps} steps)", flush=True)
         records, seconds[name] = sweep.run(config, workdir, {**overrides, **extra}, args.steps)
         curves[name] = eval_curve(records)
+        minutes_of[name] = train_minutes(records, args.steps)
 
     def final(prefix: str, metric: str) -> list[float]:
         return [curves[f"{prefix}_s{s}"].get(args.steps, {}).get(metric, float("nan")) for s in args.seeds
@@ -144,8 +152,10 @@ def main() -> None:
     lines = ["# Segmentation on the built-in panoptic shapes (64x64)", "",
              f"Command: `{command.strip()}`  ", f"Date: {datetime.date.today()}; load average at the end "
              f"{os.getloadavg()[0]:.1f}; {args.steps} steps at batch 32 per run, seeds {args.seeds}; metrics on "
-             f"{args.eval_examples} validation images (mean ± std over seeds, ×100).", ""]
-    out = {"command": command, "steps": args.steps, "seeds": args.seeds, "curves": curves, "seconds": seconds}
+             f"{args.eval_examples} validation images (mean ± std over seeds, ×100). Train minutes: the steps at "
+             "the run's median logged images/s (no compiles or evaluations).", ""]
+    out = {"command": command, "steps": args.steps, "seeds": args.seeds, "curves": curves, "wall_seconds": seconds,
+           "train_minutes": minutes_of}
     if "masked" in studies:
         lines += ["## Masked vs plain cross-attention (Mask2Former-style decoder)", "",
                   "| step | PQ masked | PQ plain | mIoU masked | mIoU plain |", "|---|---|---|---|---|"]
@@ -163,7 +173,7 @@ def main() -> None:
                   "| head | PQ | PQ things | PQ stuff | mIoU | inference images/s (batch 32) | train minutes |",
                   "|---|---|---|---|---|---|---|"]
         for head in ("eomt", "mask2former", "perpixel"):
-            minutes = statistics.mean(seconds[f"{head}_s{s}"] for s in args.seeds) / 60
+            minutes = statistics.mean(minutes_of[f"{head}_s{s}"] for s in args.seeds)
             pq = [mean_std(final(head, m)) for m in ("pq", "pq_things", "pq_stuff")] if head != "perpixel" \
                 else ["–"] * 3
             lines.append(f"| {head} | {' | '.join(pq)} | {mean_std(final(head, 'miou'))} | {speed[head]:.1f} | "
@@ -181,7 +191,7 @@ def main() -> None:
         lines += ["## Point-sampled vs full-mask loss (EoMT)", "", "| loss | PQ | mIoU | train minutes |",
                   "|---|---|---|---|"]
         for name, label in (("eomt", "points (1024 of 4096 pixels)"), ("eomt_full", "full masks")):
-            minutes = statistics.mean(seconds[f"{name}_s{s}"] for s in args.seeds) / 60
+            minutes = statistics.mean(minutes_of[f"{name}_s{s}"] for s in args.seeds)
             lines.append(f"| {label} | {mean_std(final(name, 'pq'))} | {mean_std(final(name, 'miou'))} | "
                          f"{minutes:.1f} |")
         lines += ["", "Peak memory of the two train steps: experiments/results/segmentation_bench.md.", ""]
