@@ -978,12 +978,16 @@ class Directional2D(Mask):
         norm2 = dx * dx + dy * dy
         cos_half = math.cos(math.radians(self.fov / 2))
         tol = 1e-5
+        # A key exactly on the edge of the front half-plane (e.g. perpendicular to 135 degrees) has dot == 0 up to
+        # float32 rounding whose sign depends on whether XLA fuses the multiply-add (eager vs jit vs kernels);
+        # a slack proportional to the offsets puts it inside everywhere, as the cone's edges are.
+        front = dot >= -1e-6 * (jnp.abs(dx) + jnp.abs(dy))
         if self.fov >= 360:
             inside = jnp.ones_like(dot, dtype=jnp.bool_)
         elif cos_half >= 0:
-            inside = (dot >= 0) & (dot * dot >= norm2 * (cos_half * cos_half - tol))
+            inside = front & (dot * dot >= norm2 * (cos_half * cos_half - tol))
         else:
-            inside = (dot >= 0) | (dot * dot <= norm2 * (cos_half * cos_half + tol))
+            inside = front | (dot * dot <= norm2 * (cos_half * cos_half + tol))
         if self.max_distance is not None:
             inside = inside & (norm2 <= self.max_distance ** 2 + 1e-6)
         inside = inside | (norm2 == 0)

@@ -106,6 +106,19 @@ def test_materialize_matches_numpy(name):
     np.testing.assert_array_equal(np.broadcast_to(got, expected.shape), expected)
 
 
+@pytest.mark.parametrize("fov", [90, 180, 270])
+def test_directional_edges_are_inside_eagerly_and_under_jit(fov):
+    """Keys exactly on a view cone's edge (offsets perpendicular to a diagonal direction, or at 45 degrees from it)
+    are inside both when evaluated eagerly and when XLA may fuse the multiply-adds under jit."""
+    directions = list(range(0, 360, 45))
+    mask = M.directional_2d(M.TokenGrid(8, 8), directions=directions, fov=fov)
+    expected = R.np_directional(8, 8, directions, fov)
+    eager = mask.materialize(64, 64, heads=len(directions), as_jax=True)
+    jitted = jax.jit(lambda: mask.materialize(64, 64, heads=len(directions), as_jax=True))()
+    np.testing.assert_array_equal(np.asarray(eager)[0], expected)
+    np.testing.assert_array_equal(np.asarray(jitted)[0], expected)
+
+
 @pytest.mark.parametrize("name", KINDS)
 def test_block_map_matches_dense_construction(name):
     mask, q_len, k_len, expected = _expected(name)
