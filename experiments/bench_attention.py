@@ -223,6 +223,10 @@ def _jax_blocked(mask_obj, block, g):
     return jax.jit(core), jax.jit(jax.grad(lambda q, k, v: jnp.sum(core(q, k, v) * g), argnums=(0, 1, 2)))
 
 
+# Control flow and bookkeeping instructions: no time of their own in the trace (their bodies' ops are timed).
+_NOT_TIMED_OPS = (" while(", " conditional(", " call(", " parameter(", " get-tuple-element(", " tuple(", " constant(")
+
+
 def _hlo_categories(compiled_text: str) -> dict:
     """{instruction name: category} for the fusions / ops of an optimised HLO module: 'matmul' (the
     computation holds a dot), 'exp' (an exponential), 'reduce', or 'data movement' (slices, updates, copies,
@@ -251,9 +255,7 @@ def _hlo_categories(compiled_text: str) -> dict:
             kinds[name] = "exp"
         elif " reduce(" in text:
             kinds[name] = "reduce"
-        elif " while(" in line or " conditional(" in line or " call(" in line or line.startswith("ROOT %tuple") \
-                or " parameter(" in line or " get-tuple-element(" in line or " tuple(" in line or \
-                " constant(" in line:
+        elif any(op in line for op in _NOT_TIMED_OPS):
             continue
         else:
             kinds[name] = "data movement"
