@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,21 +24,38 @@ def finished(records: list, steps: int) -> bool:
     return any(r.get("step") == steps and any(k.startswith("eval/") for k in r) for r in records)
 
 
-def run(config: str, workdir: str, overrides: Mapping[str, Any], steps: int) -> tuple[list, float]:
+def run(config: str, workdir: str, overrides: Mapping[str, Any], steps: int,
+        cores: Optional[Sequence[int]] = None) -> tuple[list, float]:
     """Runs (or resumes, or skips if done) one training run; returns (metrics records, wall-clock seconds of the
-    run that produced them)."""
+    run that produced them). `cores`: CPU ids the run is pinned to (XLA then sizes its thread pool to them);
+    each start appends {'step': the last logged step, 'cores'} to <workdir>/cores.jsonl, so reports can say what a run's speed was
+    measured on."""
     timing = os.path.join(workdir, "wall_seconds.txt")
-    if not finished(read_metrics(workdir), steps):
+    records = read_metrics(workdir)
+    if not finished(records, steps):
         args = [sys.executable, "-m", "maskjax.main", f"--config={config}", f"--workdir={workdir}",
                 f"--config.total_steps={steps}", "--config.progress_bar=False"]
         args += [f"--config.{k}={v}" for k, v in overrides.items()]
-        start = time.time()
-        subprocess.run(args, cwd=REPO, check=True)
+        pinned = sorted(cores) if cores is not None else sorted(os.sched_getaffinity(0))
         os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "cores.jsonl"), "a") as f:
+            f.write(json.dumps({"step": max((r.get("step", 0) for r in records), default=0), "cores": pinned}) + "\n")
+        start = time.time()
+        subprocess.run(args, cwd=REPO, check=True,
+                       preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, pinned))
         with open(timing, "w") as f:
             f.write(f"{time.time() - start:.1f}\n")
     seconds = float(open(timing).read()) if os.path.exists(timing) else float("nan")
     return read_metrics(workdir), seconds
+
+
+def core_counts(workdir: str) -> list[int]:
+    """The number of CPU cores of each start of a run (sweep.run's cores.jsonl; [] if not recorded)."""
+    path = os.path.join(workdir, "cores.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [len(json.loads(line)["cores"]) for line in f if line.strip()]
 
 
 def final(records: list, steps: int) -> dict:

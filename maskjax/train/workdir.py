@@ -92,6 +92,14 @@ class WorkdirLock:
             return f"it was last refreshed {age:.0f} s ago (> {self.stale_seconds:.0f} s, config.lock_stale_seconds)"
         return ""
 
+    def live_holder(self) -> Optional[str]:
+        """A description of the run holding this lock if it may be alive, else None (no lock, or a stale one)."""
+        try:
+            holder, age, _ = self._read()
+        except FileNotFoundError:
+            return None
+        return None if self.stale_reason(holder, age) else describe(holder)
+
     def acquire(self) -> Optional[str]:
         """Takes the lock; returns a warning when a stale lock was taken over, else None."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)

@@ -304,6 +304,20 @@ def test_stale_locks_are_taken_over_with_a_warning(tmp_path, capsys):
     lock.release()
 
 
+def test_live_holder_names_only_a_run_that_may_be_alive(tmp_path):
+    lock = workdir_lib.WorkdirLock(str(tmp_path), stale_seconds=60)
+    assert lock.live_holder() is None  # no lock file
+    write_lock(tmp_path)  # this very process
+    assert f"PID {os.getpid()} on host {socket.gethostname()}" in lock.live_holder()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    write_lock(tmp_path, pid=int(finished.stdout))  # its process has exited
+    assert lock.live_holder() is None
+    write_lock(tmp_path, host="elsewhere", pid=1)
+    assert "PID 1 on host elsewhere" in lock.live_holder()
+    os.utime(tmp_path / workdir_lib.LOCK_NAME, (0, 0))  # not refreshed for longer than stale_seconds
+    assert lock.live_holder() is None
+
+
 def test_the_lock_is_released_when_the_run_fails(tmp_path):
     t = trainer(tmp_path)
     t.evaluate = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
