@@ -11,10 +11,15 @@ dim 64) and the same with 128 x 512 tiles; the ViT-Ti train step of bench_train.
 rows, width 192, MLP 768, 3 heads of 64): each dense layer's forward x W, input gradient dY W^T and weight gradient
 X^T dY, and the attention scores / weighted values batched over 64 x 3 (batch, head) pairs.
 
-Method: XLA runs each matmul `inner` times inside one jitted `fori_loop` (no dispatch cost; the left operand is
-scaled by (1 + i * 1e-9) so the loop-invariant product cannot be hoisted, an elementwise pass that is small next to
-the matmul); best of `--reps`. torch runs `torch.matmul` on the same layouts (transposed operands as views, as
-autograd passes them) at each thread count; best of 4 x `--reps`. GFLOP/s = 2 M N K (x batch) / seconds.
+Method: each side multiplies the same `inner` distinct operand pairs (inner = enough pairs for ~1 GFLOP, at least 2),
+so no operand stays in cache from the previous product. XLA, two ways, the faster counts: one jitted call per product
+(waiting for each; its dispatch, ~0.1 ms, weighs on small products), and one jitted program taking every pair and
+returning every product (XLA may run independent products concurrently, as in blocked attention and a train step;
+at some shapes that is slower). Neither adds another op: an elementwise pass over the operands, as an earlier version
+of this script used against loop-invariant hoisting, costs as much as a low-intensity matmul such as p v with head
+dim 64, and made XLA look 10-40% slower than it is. torch: `torch.matmul` on the same layouts (transposed operands as
+views, as autograd passes them) in a Python loop over the pairs, at each thread count. Best of `--reps` rounds
+(torch: of 2 x `--reps`). GFLOP/s = 2 M N K (x batch) / seconds.
 """
 
 from __future__ import annotations
@@ -71,37 +76,52 @@ def _best(f, reps: int) -> float:
     return best
 
 
-def xla_gflops(eq: str, a_np: np.ndarray, b_np: np.ndarray, reps: int = 5) -> float:
+def operand_pairs(eq: str, a_shape, b_shape, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`inner` distinct (lhs, rhs) pairs: ~1 GFLOP in total, at least 2 pairs, at most ~256 MiB of operands."""
+    flops = flops_of(eq, a_shape, b_shape)
+    pair_bytes = 4 * (int(np.prod(a_shape)) + int(np.prod(b_shape)))
+    inner = max(2, min(int(1e9 // flops), int(256 * 2 ** 20 // pair_bytes)))
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(a_shape, dtype=np.float32), rng.standard_normal(b_shape, dtype=np.float32))
+            for _ in range(inner)]
+
+
+def xla_gflops(eq: str, pairs: list, reps: int = 5) -> tuple[float, float]:
+    """(GFLOP/s of one product per jitted call, of all pairs' products in one jitted program)."""
     import jax
     import jax.numpy as jnp
 
-    flops = flops_of(eq, a_np.shape, b_np.shape)
-    inner = max(2, int(2e9 // flops))
-
-    @jax.jit
-    def loop(a, b):
-        body = lambda i, c: c + jnp.einsum(eq, a * (1 + i.astype(jnp.float32) * 1e-9), b).reshape(-1)[0]
-        return jax.lax.fori_loop(0, inner, body, jnp.float32(0))
-
-    a, b = jnp.asarray(a_np), jnp.asarray(b_np)
-    jax.block_until_ready(loop(a, b))
-    return flops * inner / _best(lambda: jax.block_until_ready(loop(a, b)), reps) / 1e9
+    flops = flops_of(eq, pairs[0][0].shape, pairs[0][1].shape)
+    lhs, rhs = [jnp.asarray(a) for a, _ in pairs], [jnp.asarray(b) for _, b in pairs]
+    one = jax.jit(lambda a, b: jnp.einsum(eq, a, b))
+    jax.block_until_ready(one(lhs[0], rhs[0]))
+    single = _best(lambda: [jax.block_until_ready(one(a, b)) for a, b in zip(lhs, rhs)], reps) / len(pairs)
+    products = jax.jit(lambda lhs, rhs: [jnp.einsum(eq, a, b) for a, b in zip(lhs, rhs)])
+    jax.block_until_ready(products(lhs, rhs))
+    together = _best(lambda: jax.block_until_ready(products(lhs, rhs)), reps) / len(pairs)
+    return flops / single / 1e9, flops / together / 1e9
 
 
-def torch_gflops(torch, eq: str, a_np: np.ndarray, b_np: np.ndarray, threads: int, reps: int = 5) -> float:
+def torch_gflops(torch, eq: str, pairs: list, threads: int, reps: int = 5) -> float:
     """torch.matmul on the layouts of `eq` (a transposed operand is a view, as autograd passes it)."""
-    a, b = torch.from_numpy(a_np), torch.from_numpy(b_np)
     lhs, rest = eq.split(",")
     rhs, out = rest.split("->")
-    # Put the contracted letter last in a and first in b, with transposed views only.
     (c,) = set(lhs) & set(rhs) - set(out)
-    if lhs[-1] != c:
-        a = a.transpose(-1, -2)
-    if rhs[-2] != c:
-        b = b.transpose(-1, -2)
+
+    def views(a_np, b_np):  # the contracted letter last in a and first in b, with transposed views only
+        a, b = torch.from_numpy(a_np), torch.from_numpy(b_np)
+        return (a if lhs[-1] == c else a.transpose(-1, -2)), (b if rhs[-2] == c else b.transpose(-1, -2))
+
+    operands = [views(a, b) for a, b in pairs]
     torch.set_num_threads(threads)
-    torch.matmul(a, b)
-    return flops_of(eq, a_np.shape, b_np.shape) / _best(lambda: torch.matmul(a, b), 4 * reps) / 1e9
+
+    def run():
+        for a, b in operands:
+            torch.matmul(a, b)
+
+    run()
+    seconds = _best(run, 2 * reps)
+    return flops_of(eq, pairs[0][0].shape, pairs[0][1].shape) * len(pairs) / seconds / 1e9
 
 
 def rates(shapes: dict, threads: list[int], reps: int = 5) -> list[dict]:
@@ -112,14 +132,15 @@ def rates(shapes: dict, threads: list[int], reps: int = 5) -> list[dict]:
     rows = []
     try:
         for name, (eq, sa, sb) in shapes.items():
-            rng = np.random.default_rng(0)
-            a_np, b_np = rng.standard_normal(sa, dtype=np.float32), rng.standard_normal(sb, dtype=np.float32)
-            row = dict(matmul=name, einsum=eq, lhs=list(sa), rhs=list(sb), xla_gflops=xla_gflops(eq, a_np, b_np, reps))
+            pairs = operand_pairs(eq, sa, sb)
+            single, together = xla_gflops(eq, pairs, reps)
+            row = dict(matmul=name, einsum=eq, lhs=list(sa), rhs=list(sb), pairs=len(pairs), xla_single_gflops=single,
+                       xla_together_gflops=together, xla_gflops=max(single, together))
             for t in threads:
-                row[f"torch_{t}t_gflops"] = torch_gflops(torch, eq, a_np, b_np, t, reps)
+                row[f"torch_{t}t_gflops"] = torch_gflops(torch, eq, pairs, t, reps)
             row["xla_over_torch_best"] = row["xla_gflops"] / max(row[f"torch_{t}t_gflops"] for t in threads)
             rows.append(row)
-            print(f"{name}: XLA {row['xla_gflops']:.0f} GFLOP/s, "
+            print(f"{name}: XLA {single:.0f} / {together:.0f} GFLOP/s, "
                   + ", ".join(f"torch {t} thr. {row[f'torch_{t}t_gflops']:.0f}" for t in threads), flush=True)
     finally:
         torch.set_num_threads(default)
@@ -127,10 +148,12 @@ def rates(shapes: dict, threads: list[int], reps: int = 5) -> list[dict]:
 
 
 def render_rates(rows: list[dict], threads: list[int]) -> list[str]:
-    lines = ["| matmul | einsum (lhs, rhs) | XLA GFLOP/s | " + " | ".join(f"torch {t} thr." for t in threads)
-             + " | XLA / torch best |", "|---|---|---|" + "---|" * len(threads) + "---|"]
+    lines = ["| matmul | einsum (lhs, rhs) | pairs | XLA 1 per call | XLA all in one program | "
+             + " | ".join(f"torch {t} thr." for t in threads) + " | XLA best / torch best |",
+             "|---|---|---|---|---|" + "---|" * len(threads) + "---|"]
     for r in rows:
-        lines.append(f"| {r['matmul']} | `{r['einsum']}` {tuple(r['lhs'])}, {tuple(r['rhs'])} | {r['xla_gflops']:.0f} | "
+        lines.append(f"| {r['matmul']} | `{r['einsum']}` {tuple(r['lhs'])}, {tuple(r['rhs'])} | {r['pairs']} | "
+                     f"{r['xla_single_gflops']:.0f} | {r['xla_together_gflops']:.0f} | "
                      + " | ".join(f"{r[f'torch_{t}t_gflops']:.0f}" for t in threads)
                      + f" | {r['xla_over_torch_best']:.2f} |")
     return lines
@@ -155,7 +178,8 @@ def main(argv=None) -> None:
     lines = ["# Matmul throughput: XLA:CPU vs PyTorch", "", f"Command: `.venv-bench/bin/{meta['command']}`", "",
              f"{meta['date']}; jax {meta['jax']}, torch {meta['torch']}; {meta['cpu']} ({meta['cores']} cores); load "
              f"average before {load_before[0]:.2f}, after {meta['load_avg_after'][0]:.2f}. float32. XLA at its "
-             "default settings (both cores), torch at each thread count; see the script's docstring for the method.",
+             "default settings (both cores), torch at each thread count; GFLOP/s; see the script's docstring for the "
+             "method.",
              ""] + render_rates(rows, args.threads) + [
              "", f"ViT-Ti train-step shapes: XLA reaches {min(vit):.2f}–{max(vit):.2f}x of torch's best "
              f"(median {float(np.median(vit)):.2f}x)."]
