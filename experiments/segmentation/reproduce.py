@@ -199,6 +199,9 @@ def main() -> None:
     def complete(*prefixes: str) -> bool:
         return all(f"{p}_s{s}" in curves for p in prefixes for s in args.seeds)
 
+    def cores_in(prefix: str) -> str:  # the cores column of a prefix's runs over the seeds
+        return ", ".join(sorted({cores_of[f"{prefix}_s{s}"] for s in args.seeds}))
+
     def final(prefix: str, metric: str) -> list[float]:
         return [curves[f"{prefix}_s{s}"].get(args.steps, {}).get(metric, float("nan")) for s in args.seeds
                 if f"{prefix}_s{s}" in curves]
@@ -237,14 +240,14 @@ def main() -> None:
                                  for h in ("eomt", "mask2former", "perpixel")})
         out["images_per_second"] = speed
         lines += ["## EoMT vs Mask2Former-style vs per-pixel (same ViT-Ti/8 backbone, steps, batch)", "",
-                  "| head | PQ | PQ things | PQ stuff | mIoU | inference images/s (batch 32) | train minutes |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| head | PQ | PQ things | PQ stuff | mIoU | inference images/s (batch 32) | train minutes | cores |",
+                  "|---|---|---|---|---|---|---|---|"]
         for head in ("eomt", "mask2former", "perpixel"):
             minutes = statistics.mean(minutes_of[f"{head}_s{s}"] for s in args.seeds)
             pq = [mean_std(final(head, m)) for m in ("pq", "pq_things", "pq_stuff")] if head != "perpixel" \
                 else ["–"] * 3
             lines.append(f"| {head} | {' | '.join(pq)} | {mean_std(final(head, 'miou'))} | {speed[head]:.1f} | "
-                         f"{minutes:.1f} |")
+                         f"{minutes:.1f} | {cores_in(head)} |")
         lines += ["", f"EoMT / Mask2Former-style inference speed: {speed['eomt'] / speed['mask2former']:.2f}x "
                   "(trained models, jitted predict incl. panoptic inference, measured round-robin in one process).",
                   ""]
@@ -255,12 +258,12 @@ def main() -> None:
                   f"| masks always on | {mean_std(final('eomt_always', 'pq'))} | "
                   f"{mean_std(final('eomt_always', 'miou'))} |", ""]
     if "points" in studies and complete('eomt', 'eomt_full'):
-        lines += ["## Point-sampled vs full-mask loss (EoMT)", "", "| loss | PQ | mIoU | train minutes |",
-                  "|---|---|---|---|"]
+        lines += ["## Point-sampled vs full-mask loss (EoMT)", "", "| loss | PQ | mIoU | train minutes | cores |",
+                  "|---|---|---|---|---|"]
         for name, label in (("eomt", "points (1024 of 4096 pixels)"), ("eomt_full", "full masks")):
             minutes = statistics.mean(minutes_of[f"{name}_s{s}"] for s in args.seeds)
             lines.append(f"| {label} | {mean_std(final(name, 'pq'))} | {mean_std(final(name, 'miou'))} | "
-                         f"{minutes:.1f} |")
+                         f"{minutes:.1f} | {cores_in(name)} |")
         lines += ["", "Peak memory of the two train steps: experiments/results/segmentation_bench.md.", ""]
     if "remax" in studies and complete('eomt', 'eomt_remax'):
         lines += ["## EoMT with ReMaX's relaxations (ReMask + ReClass, eta 0.1) vs without", "",
