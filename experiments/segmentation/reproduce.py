@@ -98,16 +98,14 @@ def inference_speed(workdirs: dict[str, str], batch: int = 32, repeats: int = 5)
     """Images/s of each trained run's jitted `predict`, measured round-robin in one process (medians)."""
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
 
     from maskjax.tasks import make_task
-    from maskjax.train.checkpoint import load_params
+    from maskjax.train.checkpoint import load_params, load_run_config
 
     fns = {}
     for name, workdir in workdirs.items():
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = ml_collections.ConfigDict(json.load(f))
+        config = load_run_config(workdir)  # runs saved before a config key existed get its default
         task = make_task(config)
         params, _ = load_params(workdir, -1, "", config_key="reproduce")
         params = jax.tree.map(jnp.asarray, params)

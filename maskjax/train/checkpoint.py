@@ -325,19 +325,42 @@ def load_params(workdir: str, step: int = -1, params_key: str = "", *, config_ke
     return loaded, step
 
 
-def load_run(workdir: str, step: int, tasks: Sequence[str], command: str) -> tuple:
-    """(config, task, numpy params, step) of the trained run in `workdir` at checkpoint `step` (-1 = latest), for a
-    command that works on runs of `tasks` only. ValueErrors name the workdir: not a run, another task, no or a
-    damaged checkpoint."""
+def load_run_config(workdir: str) -> Any:
+    """The ConfigDict a run in `workdir` was trained with (its config.json), with every key the current schema of
+    its task and model has but the file lacks set to that key's default: runs saved before a key existed load as
+    they ran (new keys default to the old behaviour)."""
     import ml_collections
 
-    from maskjax.tasks import make_task
+    from maskjax.evaluate.evaluators import schema_of_evals
+    from maskjax.train.config import base_config
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ValueError(f"--workdir={workdir!r} has no config.json (not a maskjax run)")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+
+    def fill(node, reference):
+        for key, value in reference.items():
+            if key not in node:
+                node[key] = value
+            elif isinstance(value, ml_collections.ConfigDict) and isinstance(node[key], ml_collections.ConfigDict):
+                fill(node[key], value)
+
+    model = config.get("model")
+    reference = base_config(config.task, model.get("name") if model is not None else None)
+    reference.evals = schema_of_evals(config.get("evals") or {})
+    fill(config, reference)
+    return config
+
+
+def load_run(workdir: str, step: int, tasks: Sequence[str], command: str) -> tuple:
+    """(config, task, numpy params, step) of the trained run in `workdir` at checkpoint `step` (-1 = latest), for a
+    command that works on runs of `tasks` only. ValueErrors name the workdir: not a run, another task, no or a
+    damaged checkpoint."""
+    from maskjax.tasks import make_task
+
+    config = load_run_config(workdir)
     if config.task not in tasks:
         raise ValueError(f"--workdir={workdir!r} is a run of task {config.task!r}; maskjax.{command} works on "
                          f"runs of {tuple(tasks)}")

@@ -76,6 +76,20 @@ def test_commands_name_a_workdir_that_is_not_a_run_of_their_task(tmp_path):
         ckpt_lib.load_run(str(tmp_path), -1, ("segmentation",), "segment")
 
 
+def test_a_run_saved_before_a_key_existed_loads_with_its_default(tmp_path):
+    from maskjax.train.config import base_config
+
+    saved = json.loads(base_config("segmentation", "mask2former").to_json())
+    saved["model"]["decoder_layers"] = 3  # a value the run chose
+    del saved["model"]["remat_policy"], saved["segmentation"]["reclass_eta"]  # keys added after the run
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = ckpt_lib.load_run_config(str(tmp_path))
+    fresh = base_config("segmentation", "mask2former")
+    assert config.model.remat_policy == fresh.model.remat_policy
+    assert config.segmentation.reclass_eta == fresh.segmentation.reclass_eta
+    assert config.model.decoder_layers == 3 and config.model.name == "mask2former"
+
+
 def test_unrolled_checkpoint_initialises_a_scanned_model(tmp_path, mae_run):
     workdir, mae_params = mae_run
     c = quiet(vit_builtin.get_config("runlocal"), model__posemb="sincos2d", model__scan_layers=True,
