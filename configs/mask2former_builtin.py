@@ -8,7 +8,8 @@ Command:
 Smaller and faster (tests, notebook): --config=configs/mask2former_builtin.py:runlocal
 Arguments (comma-separated key=value after ':'): runlocal, steps=<int>, size=<image side>.
 Runtime and result here (experiments/results/segmentation_builtin.md, seed 0; made by
-`python experiments/segmentation/reproduce.py --seeds 0 --report-only` after the runs of
+`python experiments/segmentation/reproduce.py --seeds 0 --studies masked,heads,annealing,points,remax
+--report-only` after the runs of
 `python experiments/segmentation/reproduce.py --seeds 0`, which evaluate every 250 steps on 500 images):
 ~39 minutes of training steps on 2 cores for the 2000 steps, PQ 45.5 (things 46.7, stuff 43.1), mIoU 58.3; with
 --config.model.masked_attention=False PQ 39.3, mIoU 54.9.

@@ -7,7 +7,8 @@ Command:
 Smaller and faster (tests, notebook): --config=configs/perpixel_builtin.py:runlocal
 Arguments (comma-separated key=value after ':'): runlocal, steps=<int>, size=<image side>.
 Runtime and result here (experiments/results/segmentation_builtin.md, seed 0; made by
-`python experiments/segmentation/reproduce.py --seeds 0 --report-only` after the runs of
+`python experiments/segmentation/reproduce.py --seeds 0 --studies masked,heads,annealing,points,remax
+--report-only` after the runs of
 `python experiments/segmentation/reproduce.py --seeds 0`): ~19 minutes of training steps on one core for the 2000
 steps, mIoU 48.4 on 500 validation images.
 """
