@@ -28,8 +28,8 @@ def run(config: str, workdir: str, overrides: Mapping[str, Any], steps: int,
         cores: Optional[Sequence[int]] = None) -> tuple[list, float]:
     """Runs (or resumes, or skips if done) one training run; returns (metrics records, wall-clock seconds of the
     run that produced them). `cores`: CPU ids the run is pinned to (XLA then sizes its thread pool to them);
-    each start appends {'step': the last logged step, 'cores'} to <workdir>/cores.jsonl, so reports can say what a run's speed was
-    measured on."""
+    each start appends {'step': the last logged step, 'cores'} to <workdir>/cores.jsonl, so reports can say what
+    a run's speed was measured on."""
     timing = os.path.join(workdir, "wall_seconds.txt")
     records = read_metrics(workdir)
     if not finished(records, steps):
@@ -45,8 +45,16 @@ def run(config: str, workdir: str, overrides: Mapping[str, Any], steps: int,
                        preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, pinned))
         with open(timing, "w") as f:
             f.write(f"{time.time() - start:.1f}\n")
-    seconds = float(open(timing).read()) if os.path.exists(timing) else float("nan")
-    return read_metrics(workdir), seconds
+    return read_metrics(workdir), wall_seconds(workdir)
+
+
+def wall_seconds(workdir: str) -> float:
+    """Wall-clock seconds of the `run` call that finished the run in `workdir` (nan if not recorded)."""
+    path = os.path.join(workdir, "wall_seconds.txt")
+    if not os.path.exists(path):
+        return float("nan")
+    with open(path) as f:
+        return float(f.read())
 
 
 def core_counts(workdir: str) -> list[int]:

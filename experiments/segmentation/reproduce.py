@@ -188,8 +188,7 @@ def main() -> None:
             continue
         workdir = os.path.join(args.workdirs, name)
         records = sweep.read_metrics(workdir)
-        seconds[name] = float(open(os.path.join(workdir, "wall_seconds.txt")).read()) \
-            if os.path.exists(os.path.join(workdir, "wall_seconds.txt")) else float("nan")
+        seconds[name] = sweep.wall_seconds(workdir)
         curves[name] = eval_curve(records)
         minutes_of[name] = train_minutes(records, args.steps)
         cores_of[name] = "/".join(str(n) for n in sorted(set(sweep.core_counts(workdir)), reverse=True)) or "?"
