@@ -35,6 +35,7 @@ READ_ELSEWHERE = {
     "resume_policy": "Trainer._check_resume_config, when a resumed config differs from the checkpoint's",
     "init_from.step": "Trainer._init_from_checkpoint, when init_from.workdir is set",
     "init_from.params_key": "Trainer._init_from_checkpoint, when init_from.workdir is set",
+    "init_from.target_key": "Trainer._init_from_checkpoint, when init_from.workdir is set",
     "mim.teacher.step": "mim.teacher_from_config, when a teacher is used",
     "mim.teacher.params_key": "mim.teacher_from_config, when a teacher is used",
     "tokenizer.perceptual_workdir": "TokenizerTask.__init__, when tokenizer.perceptual_weight > 0",

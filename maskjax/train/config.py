@@ -70,6 +70,7 @@ def base_config(task: str = "classification", model: Optional[str] = None) -> ml
     c.init_from.workdir = ""  # Workdir of the run whose checkpoint to load ('' = fresh initialisation).
     c.init_from.step = -1  # Its checkpoint step (-1 = latest).
     c.init_from.params_key = ""  # Sub-tree of its parameters to load, '/'-separated (MAE encoder: 'encoder').
+    c.init_from.target_key = ""  # Where it goes in this model's parameters ('' = the root; Mask2Former: 'backbone').
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # 'adamw', 'adam', 'sgd' or 'lamb'.

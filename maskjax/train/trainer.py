@@ -365,18 +365,29 @@ class Trainer:
         return state
 
     def _init_from_checkpoint(self, state: TrainState) -> TrainState:
-        """Fresh state whose parameters under `init_from.params_key` come from another run's checkpoint (e.g. an
-        MAE encoder for fine-tuning); parameters it lacks (a new head) keep their initialisation. The optimizer
-        state is rebuilt for the new parameters."""
+        """Fresh state whose parameters under `init_from.target_key` ('' = all) come from the sub-tree
+        `init_from.params_key` of another run's checkpoint (e.g. an MAE encoder into a Mask2Former backbone);
+        parameters it lacks (a new head) keep their initialisation. The optimizer state is rebuilt for the new
+        parameters."""
         cfg = self.config.init_from
         loaded, step = ckpt_lib.load_params(cfg.workdir, cfg.step, cfg.params_key)
         fresh_tree = jax.device_get(state.params)
+        target = [part for part in cfg.get("target_key", "").split("/") if part]
+        node = fresh_tree
+        for i, part in enumerate(target):
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"config.init_from.target_key={cfg.target_key!r}: {part!r} is not in this model's "
+                                 f"parameters{' under ' + '/'.join(target[:i]) if i else ''} (keys there: "
+                                 f"{sorted(node) if isinstance(node, dict) else 'none, a leaf'})")
+            node = node[part]
         have, want = params_layout(loaded), params_layout(fresh_tree)
         if have and want and have != want:  # model.scan_layers differs: the same weights, stacked or not
             loaded = scan_layout(loaded) if want == "scanned" else unrolled_layout(loaded)
             if self.is_main:
                 print(f"config.init_from: converted the checkpoint's {have} blocks to the model's {want} layout",
                       flush=True)
+        for part in reversed(target):
+            loaded = {part: loaded}
         fresh = flax.traverse_util.flatten_dict(fresh_tree, sep="/")
         incoming = flax.traverse_util.flatten_dict(loaded, sep="/")
         unknown = sorted(set(incoming) - set(fresh))
@@ -388,7 +399,8 @@ class Trainer:
         merged = flax.traverse_util.unflatten_dict({k: incoming.get(k, v) for k, v in fresh.items()}, sep="/")
         if self.is_main:
             print(f"Initialised {len(incoming)} of {len(fresh)} parameter arrays from {cfg.workdir} step {step}"
-                  f"{' (' + cfg.params_key + ')' if cfg.params_key else ''}; kept the initialisation of "
+                  f"{' (' + cfg.params_key + ')' if cfg.params_key else ''}"
+                  f"{' into ' + cfg.target_key if target else ''}; kept the initialisation of "
                   f"{sorted(set(fresh) - set(incoming))}", flush=True)
         shardings = self.state_shardings
         params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), merged,

@@ -128,3 +128,29 @@ def test_a_run_converted_to_the_scanned_layout_resumes_where_it_stopped(tmp_path
         with open(f"{name}/metrics.jsonl") as f:
             losses[scan] = [r["train/loss"] for r in map(json.loads, f) if r.get("step") == 5 and "train/loss" in r]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+@pytest.mark.parametrize("head, target_key", [("eomt", ""), ("mask2former", "backbone")])
+def test_mae_encoder_initialises_a_segmentation_backbone(tmp_path, mae_run, head, target_key):
+    """EoMT's parameters are the ViT's plus its own (root); Mask2Former-style nests the ViT under 'backbone'."""
+    from configs import eomt_builtin, mask2former_builtin
+
+    workdir, mae_params = mae_run
+    get_config = {"eomt": eomt_builtin, "mask2former": mask2former_builtin}[head].get_config
+    settings = dict(model__variant="mu/4", model__posemb="sincos2d", evals__eval__every=0)
+    c = quiet(get_config("runlocal"), init_from__workdir=workdir, init_from__params_key="encoder",
+              init_from__target_key=target_key, **settings)
+    params = flax.traverse_util.flatten_dict(jax.device_get(Trainer(c, str(tmp_path)).initial_state().params),
+                                             sep="/")
+    encoder = flax.traverse_util.flatten_dict(mae_params["encoder"], sep="/")
+    prefix = target_key + "/" if target_key else ""
+    for key, value in encoder.items():
+        np.testing.assert_array_equal(params[prefix + key], value)
+    head_keys = [k for k in params if not any(k == prefix + e for e in encoder)]
+    assert head_keys and all(not k.startswith(prefix + "encoder/") for k in head_keys)  # only the head is new
+    if head == "mask2former":
+        with pytest.raises(ValueError, match=re.escape("config.init_from.target_key='backbone/nope': 'nope' is not "
+                                                       "in this model's parameters under backbone")):
+            bad = quiet(get_config("runlocal"), init_from__workdir=workdir, init_from__params_key="encoder",
+                        init_from__target_key="backbone/nope", **settings)
+            Trainer(bad, str(tmp_path / "bad")).initial_state()
