@@ -1,7 +1,9 @@
 """experiments/segmentation/reproduce.py's lanes: every run in exactly one lane, lanes on disjoint CPU sets."""
+import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
@@ -19,3 +21,47 @@ def test_lanes_partition_runs_and_cpus(monkeypatch):
     assert reproduce.lanes_of(runs, 1) == [(list(runs), None)]  # one lane: unpinned, plan order
     with pytest.raises(ValueError, match="--lanes=6: this process may use only 5 CPUs"):
         reproduce.lanes_of(runs, 6)
+
+
+def write_run(workdir, steps, pq):
+    os.makedirs(workdir)
+    (workdir / "config.json").write_text(json.dumps({"batch_size": 32}))
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": steps // 2, "train/images_per_second": 10.0, "eval/pq": pq / 2}) + "\n")
+        f.write(json.dumps({"step": steps, "train/images_per_second": 20.0, "eval/pq": pq}) + "\n")
+
+
+def test_a_report_takes_runs_without_a_workdir_from_an_earlier_results_file(tmp_path):
+    args = reproduce.build_parser().parse_args(["--seeds", "0", "1", "--steps", "40", "--workdirs", str(tmp_path)])
+    runs = reproduce.plan(["points"], [0, 1])  # eomt_s0, eomt_full_s0, eomt_s1, eomt_full_s1
+    write_run(tmp_path / "eomt_s1", 40, 0.5)  # finished here
+    write_run(tmp_path / "eomt_full_s1", 20, 0.9)  # not finished at 40 steps: missing, not reused
+    earlier = {"command": "python experiments/segmentation/reproduce.py --seeds 0 --steps 40",
+               "curves": {"eomt_s0": {"20": {"pq": 0.1}, "40": {"pq": 0.3}}, "eomt_s1": {"40": {"pq": 0.0}}},
+               "train_minutes": {"eomt_s0": 7.0}, "cores": {"eomt_s0": "1"}, "wall_seconds": {}}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    got = reproduce.collect(runs, args, reproduce.load_earlier(str(path), args))
+    assert got["reused"] == ["eomt_s0"] and sorted(got["missing"]) == ["eomt_full_s0", "eomt_full_s1"]
+    assert got["curves"]["eomt_s0"] == {20: {"pq": 0.1}, 40: {"pq": 0.3}}  # integer steps, as from a workdir
+    assert got["curves"]["eomt_s1"] == {20: {"pq": 0.25}, 40: {"pq": 0.5}}  # the workdir wins over the file
+    rate = np.percentile([10.0, 20.0], 90, method="lower")  # the logged rates' 90th percentile, no interpolation
+    assert got["train_minutes"]["eomt_s1"] == pytest.approx(40 * 32 / rate / 60)
+    assert got["train_minutes"]["eomt_s0"] == 7.0 and got["cores"]["eomt_s0"] == "1"
+    other = reproduce.build_parser().parse_args(["--steps", "40", "--eval-examples", "100"])
+    with pytest.raises(ValueError, match=r"another protocol.*'eval_examples': \(500, 100\)"):
+        reproduce.load_earlier(str(path), other)
+
+
+def test_pretrained_study_fine_tunes_from_its_own_pretraining_runs():
+    runs = reproduce.plan(["pretrained"], [0, 1], "w")
+    args = reproduce.build_parser().parse_args(["--pretrain-steps", "7", "--steps", "9"])
+    starts = {name: overrides["init_from.workdir"] for name, (_, overrides) in runs.items()
+              if "init_from.workdir" in overrides}
+    assert sorted(starts) == ["eomt_mae_s0", "eomt_mae_s1", "mask2former_mae_s0", "mask2former_mae_s1"]
+    for name, workdir in starts.items():  # each seed's fine-tunes start from that seed's pretraining run
+        pretrain = os.path.basename(workdir)
+        assert workdir == os.path.join("w", pretrain) and pretrain == f"{reproduce.PRETRAIN}_s{name[-1]}"
+        assert runs[pretrain][1]["seed"] == runs[name][1]["seed"]
+        assert reproduce.steps_of(pretrain, args) == 7 and reproduce.steps_of(name, args) == 9
+    assert {"eomt_s0", "mask2former_s0"} <= set(runs)  # the from-scratch references

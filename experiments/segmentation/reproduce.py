@@ -16,8 +16,15 @@ Studies (runs in `--workdirs`, default workdirs/seg_repro; configs/{eomt,mask2fo
   points      the point-sampled loss vs the full-mask loss (num_points=0), EoMT: PQ; the peak memory of the two
               train steps is in experiments/results/segmentation_bench.md (`memory_analysis`).
   remax       (only when named) EoMT with ReMaX's ReMask + ReClass (eta 0.1) vs without: PQ and mIoU per evaluation.
+  pretrained  (only when named) EoMT and Mask2Former-style with the same MAE-pretrained backbone vs both from
+              scratch. EoMT's accuracy claim rests on a pretrained ViT (the paper's: DINOv2-pretrained ViT-L and
+              larger); here the backbone is pretrained with MAE on the built-in images for `--pretrain-steps` (the main
+              job's recipe, configs/mae_builtin.py, at 64x64 with ViT-Ti/8), then fine-tuned with the same recipe as
+              the from-scratch runs (fixed sin-cos position embedding, as MAE's).
 Seeds: `--seeds` (default 0 1 2) for every run, so differences come with their spread.
-Writes experiments/results/segmentation_builtin.{md,json}.
+Writes experiments/results/segmentation_builtin.{md,json} (`--results-name`). A reproduction that spans machines or
+sessions whose workdirs are gone reports with `--reuse <earlier results .json>`: runs without a finished workdir are
+taken from that file (same steps and evaluation protocol, checked), and the report names them.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -39,21 +47,31 @@ import sweep  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
 STUDIES = ("masked", "heads", "annealing", "points")
-OPTIONAL_STUDIES = ("remax",)  # run only when named in --studies
+OPTIONAL_STUDIES = ("remax", "pretrained")  # run only when named in --studies
+PRETRAIN = "mae"  # run-name prefix of the backbone pretraining runs (the pretrained study trains them first)
 METRICS = ("pq", "pq_things", "pq_stuff", "sq", "rq", "miou")
 
 
-def plan(studies: list[str], seeds: list[int]) -> dict[str, tuple[str, dict]]:
-    """{run name: (config, overrides)} of every run the studies need (shared runs appear once)."""
+def plan(studies: list[str], seeds: list[int], workdirs: str = "workdirs/seg_repro") -> dict[str, tuple[str, dict]]:
+    """{run name: (config, overrides)} of every run the studies need (shared runs appear once). Runs named
+    f'{PRETRAIN}_s<seed>' pretrain a backbone the runs with init_from start from; train them first."""
     runs = {}
     for seed in seeds:
         s = {"seed": seed}
-        if "masked" in studies or "heads" in studies:
+        if "pretrained" in studies:
+            pretrain = f"{PRETRAIN}_s{seed}"
+            runs[pretrain] = ("configs/mae_builtin.py", {**s, "data.image_size": 64, "model.variant": "Ti/8"})
+            init = {"model.posemb": "sincos2d", "init_from.workdir": os.path.join(workdirs, pretrain),
+                    "init_from.params_key": "encoder"}
+            runs[f"eomt_mae_s{seed}"] = ("configs/eomt_builtin.py", {**s, **init})
+            runs[f"mask2former_mae_s{seed}"] = ("configs/mask2former_builtin.py",
+                                                {**s, **init, "init_from.target_key": "backbone"})
+        if "masked" in studies or "heads" in studies or "pretrained" in studies:
             runs[f"mask2former_s{seed}"] = ("configs/mask2former_builtin.py", s)
         if "masked" in studies:
             runs[f"mask2former_plain_s{seed}"] = ("configs/mask2former_builtin.py",
                                                   {**s, "model.masked_attention": False})
-        if {"heads", "annealing", "points", "remax"} & set(studies):
+        if {"heads", "annealing", "points", "remax", "pretrained"} & set(studies):
             runs[f"eomt_s{seed}"] = ("configs/eomt_builtin.py", s)
         if "heads" in studies:
             runs[f"perpixel_s{seed}"] = ("configs/perpixel_builtin.py", s)
@@ -65,6 +83,16 @@ def plan(studies: list[str], seeds: list[int]) -> dict[str, tuple[str, dict]]:
         if "points" in studies:
             runs[f"eomt_full_s{seed}"] = ("configs/eomt_builtin.py", {**s, "segmentation.num_points": 0})
     return runs
+
+
+def steps_of(name: str, args: argparse.Namespace) -> int:
+    return args.pretrain_steps if name.startswith(PRETRAIN + "_") else args.steps
+
+
+def batch_of(workdir: str) -> int:
+    """The batch size a run in `workdir` trained with (its config.json)."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        return int(json.load(f)["batch_size"])
 
 
 def eval_curve(records: list) -> dict[int, dict]:
@@ -149,19 +177,59 @@ def train(runs: dict, args: argparse.Namespace, extra: dict) -> None:
                 print(f"== {name}: skipped, its workdir is in use by {holder}", flush=True)
                 continue
             where = f" on cores {cores}" if cores is not None else ""
-            print(f"== {name}: {config} {overrides} ({args.steps} steps){where}", flush=True)
-            sweep.run(config, os.path.join(args.workdirs, name), {**overrides, **extra}, args.steps, cores=cores)
+            steps = steps_of(name, args)
+            print(f"== {name}: {config} {overrides} ({steps} steps){where}", flush=True)
+            sweep.run(config, os.path.join(args.workdirs, name), {**overrides, **extra}, steps, cores=cores)
 
     with ThreadPoolExecutor(max(1, args.lanes)) as pool:  # a failed run raises here once the other lanes end
         for future in [pool.submit(lane, names, cores) for names, cores in lanes_of(runs, args.lanes)]:
             future.result()
 
 
-def main() -> None:
+def load_earlier(path: str, args: argparse.Namespace) -> dict:
+    """An earlier results file of this script, checked to follow this report's protocol (steps, evaluation every
+    and on how many images, read from the command it states)."""
+    with open(path) as f:
+        earlier = json.load(f)
+    theirs = build_parser().parse_args(shlex.split(earlier["command"])[2:])
+    differ = {key: (getattr(theirs, key), getattr(args, key))
+              for key in ("steps", "pretrain_steps", "eval_every", "eval_examples")
+              if getattr(theirs, key) != getattr(args, key)}
+    if differ:
+        raise ValueError(f"--reuse {path}: its runs follow another protocol, {{key: (theirs, this report's)}}: "
+                         f"{differ}")
+    return earlier
+
+
+def collect(runs: dict, args: argparse.Namespace, earlier: Optional[dict]) -> dict:
+    """Every run's curve, train minutes, cores and wall seconds, from its finished workdir or else from the earlier
+    results file: {'curves', 'train_minutes', 'cores', 'wall_seconds', 'reused': [names], 'missing': [names]}."""
+    got = {"curves": {}, "train_minutes": {}, "cores": {}, "wall_seconds": {}, "reused": [], "missing": []}
+    for name in runs:
+        workdir = os.path.join(args.workdirs, name)
+        records = sweep.read_metrics(workdir)
+        if sweep.finished(records, steps_of(name, args)):
+            got["curves"][name] = eval_curve(records)
+            got["train_minutes"][name] = train_minutes(records, steps_of(name, args), batch_of(workdir))
+            got["cores"][name] = "/".join(str(n) for n in sorted(set(sweep.core_counts(workdir)), reverse=True)) or "?"
+            got["wall_seconds"][name] = sweep.wall_seconds(workdir)
+        elif earlier is not None and name in earlier["curves"]:
+            got["curves"][name] = {int(step): evals for step, evals in earlier["curves"][name].items()}  # JSON keys
+            for key in ("train_minutes", "cores", "wall_seconds"):
+                got[key][name] = earlier[key].get(name, float("nan") if key != "cores" else "?")
+            got["reused"].append(name)
+        else:  # unfinished: skipped as busy, or a report of a reproduction under way
+            got["missing"].append(name)
+    return got
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", default=",".join(STUDIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--pretrain-steps", type=int, default=1200,
+                        help="steps of the MAE runs of the pretrained study (batch 128, configs/mae_builtin.py)")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-examples", type=int, default=500)
     parser.add_argument("--workdirs", default=os.path.join(ROOT, "workdirs", "seg_repro"))
@@ -171,6 +239,13 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the tables of the studies whose runs have all finished and list "
                              "the runs still missing (progress of a reproduction that spans sessions)")
+    parser.add_argument("--reuse", default="", help="an earlier results .json of this script: runs without a "
+                        "finished workdir are taken from it (same protocol, checked) and named in the report")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     studies = [s for s in args.studies.split(",") if s]
     unknown = sorted(set(studies) - set(STUDIES + OPTIONAL_STUDIES))
@@ -178,20 +253,17 @@ def main() -> None:
         parser.error(f"--studies: unknown {unknown}; known: {STUDIES + OPTIONAL_STUDIES}")
     command = "python experiments/segmentation/reproduce.py " + " ".join(sys.argv[1:])
     extra = {"evals.eval.every": args.eval_every, "evals.eval.examples": args.eval_examples}
-    runs, curves, seconds, minutes_of, cores_of = plan(studies, args.seeds), {}, {}, {}, {}
+    inside = os.path.relpath(args.workdirs, ROOT)  # runs start in ROOT: short init_from paths in the tables
+    runs = plan(studies, args.seeds, args.workdirs if inside.startswith("..") else inside)
+    earlier = load_earlier(args.reuse, args) if args.reuse else None  # before any training: a bad file stops here
     if not args.report_only:
-        train(runs, args, extra)
-    missing = [name for name in runs  # unfinished: skipped as busy, or a report of a reproduction under way
-               if not sweep.finished(sweep.read_metrics(os.path.join(args.workdirs, name)), args.steps)]
-    for name in runs:
-        if name in missing:
-            continue
-        workdir = os.path.join(args.workdirs, name)
-        records = sweep.read_metrics(workdir)
-        seconds[name] = sweep.wall_seconds(workdir)
-        curves[name] = eval_curve(records)
-        minutes_of[name] = train_minutes(records, args.steps)
-        cores_of[name] = "/".join(str(n) for n in sorted(set(sweep.core_counts(workdir)), reverse=True)) or "?"
+        pretrain = {name: run for name, run in runs.items() if name.startswith(PRETRAIN + "_")}
+        if pretrain:  # the fine-tuning runs start from their checkpoints
+            train(pretrain, args, extra)
+        train({name: run for name, run in runs.items() if name not in pretrain}, args, extra)
+    got = collect(runs, args, earlier)
+    curves, seconds, minutes_of, cores_of = got["curves"], got["wall_seconds"], got["train_minutes"], got["cores"]
+    missing, reused = got["missing"], got["reused"]
 
     def complete(*prefixes: str) -> bool:
         return all(f"{p}_s{s}" in curves for p in prefixes for s in args.seeds)
@@ -211,7 +283,10 @@ def main() -> None:
              "number of CPU cores given under 'cores' (runs trained two at a time with `--lanes 2` had one core each; "
              "'2/1': started on 2, resumed on 1; the 90th percentile then reflects the faster part).", ""]
     out = {"command": command, "steps": args.steps, "seeds": args.seeds, "curves": curves, "wall_seconds": seconds,
-           "train_minutes": minutes_of, "cores": cores_of, "missing_runs": missing}
+           "train_minutes": minutes_of, "cores": cores_of, "missing_runs": missing, "reused_runs": reused}
+    if reused:
+        lines += [f"Runs taken from `{args.reuse}` (their workdirs are not on this machine; command there: "
+                  f"`{earlier['command']}`): {', '.join(reused)}.", ""]
     if missing:
         lines += [f"**Partial**: runs not finished yet (tables that need them are left out): {', '.join(missing)}.",
                   ""]
@@ -219,7 +294,7 @@ def main() -> None:
               "| train minutes | cores |", "|---|---|---|---|---|---|---|---|"]
     for name in curves:
         config, overrides = runs[name]
-        last = curves[name].get(args.steps, {})
+        last = curves[name].get(steps_of(name, args), {})
         cells = " | ".join(f"{100 * last[m]:.1f}" if m in last else "–" for m in ("pq", "pq_things", "pq_stuff", "miou"))
         lines.append(f"| {name} | `{config}` {overrides} | {cells} | {minutes_of[name]:.1f} | {cores_of[name]} |")
     lines.append("")
@@ -233,8 +308,15 @@ def main() -> None:
                          f"{cell('mask2former', 'miou')} | {cell('mask2former_plain', 'miou')} |")
         lines.append("")
     if "heads" in studies and complete('eomt', 'mask2former', 'perpixel'):
-        speed = inference_speed({h: os.path.join(args.workdirs, f"{h}_s{args.seeds[0]}")
-                                 for h in ("eomt", "mask2former", "perpixel")})
+        speed_runs = {h: f"{h}_s{args.seeds[0]}" for h in ("eomt", "mask2former", "perpixel")}
+        if not set(speed_runs.values()) & set(reused):
+            speed = inference_speed({h: os.path.join(args.workdirs, name) for h, name in speed_runs.items()})
+        elif set(speed_runs.values()) <= set(reused) and "images_per_second" in earlier:
+            speed = earlier["images_per_second"]  # the trained weights are not here to measure again
+            lines += [f"Inference images/s below: from `{args.reuse}` (trained models not on this machine).", ""]
+        else:
+            raise ValueError(f"heads: the speed runs {sorted(speed_runs.values())} are split between workdirs and "
+                             f"--reuse {args.reuse}; measure them together (all in workdirs) or report all reused")
         out["images_per_second"] = speed
         lines += ["## EoMT vs Mask2Former-style vs per-pixel (same ViT-Ti/8 backbone, steps, batch)", "",
                   "| head | PQ | PQ things | PQ stuff | mIoU | inference images/s (batch 32) | train minutes | cores |",
@@ -270,6 +352,20 @@ def main() -> None:
             lines.append(f"| {st} | {cell('eomt', 'pq')} | {cell('eomt_remax', 'pq')} | {cell('eomt', 'miou')} | "
                          f"{cell('eomt_remax', 'miou')} |")
         lines.append("")
+    if "pretrained" in studies and complete('eomt', 'mask2former', 'eomt_mae', 'mask2former_mae'):
+        lines += [f"## EoMT vs Mask2Former-style, from scratch and from the same MAE-pretrained backbone ("
+                  f"{args.pretrain_steps} MAE steps at batch 128)", "",
+                  "| head | backbone | PQ | PQ things | PQ stuff | mIoU | train minutes | cores |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for head in ("eomt", "mask2former"):
+            for prefix, label in ((head, "from scratch"), (f"{head}_mae", "MAE-pretrained")):
+                cells = " | ".join(mean_std(final(prefix, m)) for m in ("pq", "pq_things", "pq_stuff", "miou"))
+                minutes = statistics.mean(minutes_of[f"{prefix}_s{s}"] for s in args.seeds)
+                lines.append(f"| {head} | {label} | {cells} | {minutes:.1f} | {cores_in(prefix)} |")
+        gap = lambda suffix: mean_std([e - m for e, m in zip(final(f"eomt{suffix}", "pq"),
+                                                             final(f"mask2former{suffix}", "pq"))])
+        lines += ["", f"EoMT minus Mask2Former-style PQ, per seed then mean: from scratch {gap('')}, MAE-pretrained "
+                  f"{gap('_mae')} (the issue's goal: within 2 points at 2x the images/s).", ""]
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{args.results_name}.md"), "w") as f:
         f.write("\n".join(lines))
