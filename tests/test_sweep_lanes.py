@@ -65,3 +65,16 @@ def test_pretrained_study_fine_tunes_from_its_own_pretraining_runs():
         assert runs[pretrain][1]["seed"] == runs[name][1]["seed"]
         assert reproduce.steps_of(pretrain, args) == 7 and reproduce.steps_of(name, args) == 9
     assert {"eomt_s0", "mask2former_s0"} <= set(runs)  # the from-scratch references
+
+
+def test_lanes_share_out_only_the_runs_still_to_finish(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    started = []
+    monkeypatch.setattr(reproduce.sweep, "run", lambda config, workdir, overrides, steps, cores=None:
+                        started.append((os.path.basename(workdir), tuple(cores))))
+    args = reproduce.build_parser().parse_args(["--steps", "40", "--workdirs", str(tmp_path), "--lanes", "2"])
+    runs = reproduce.plan(["points"], [1, 2])  # eomt_s1, eomt_full_s1, eomt_s2, eomt_full_s2
+    for name in ("eomt_s1", "eomt_s2"):
+        write_run(tmp_path / name, 40, 0.5)
+    reproduce.train(runs, args, {})
+    assert sorted(started) == [("eomt_full_s1", (0,)), ("eomt_full_s2", (1,))]  # one per lane, none idle

@@ -166,8 +166,12 @@ def lanes_of(runs: dict, lanes: int) -> list[tuple[list[str], Optional[list[int]
 
 
 def train(runs: dict, args: argparse.Namespace, extra: dict) -> None:
-    """Trains (resumes, or skips when finished) every run, lane by lane in parallel (`--lanes`)."""
+    """Trains (resumes, or skips when finished) every run, lane by lane in parallel (`--lanes`); the lanes share
+    out the runs still to finish, so finished ones leave no lane idle."""
     from maskjax.train.workdir import WorkdirLock
+
+    runs = {name: run for name, run in runs.items()
+            if not sweep.finished(sweep.read_metrics(os.path.join(args.workdirs, name)), steps_of(name, args))}
 
     def lane(names: list[str], cores: Optional[list[int]]) -> None:
         for name in names:
