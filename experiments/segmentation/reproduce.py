@@ -347,15 +347,22 @@ def main() -> None:
             minutes = statistics.mean(minutes_of[f"{name}_s{s}"] for s in args.seeds)
             lines.append(f"| {label} | {mean_std(final(name, 'pq'))} | {mean_std(final(name, 'miou'))} | "
                          f"{minutes:.1f} | {cores_in(name)} |")
-        lines += ["", "Peak memory of the two train steps: experiments/results/segmentation_bench.md.", ""]
+        paired = mean_std([p - f for p, f in zip(final('eomt', 'pq'), final('eomt_full', 'pq'))])
+        lines += ["", f"PQ points − full masks, paired by seed: {paired}.", "", "Peak memory of the two train steps: experiments/results/segmentation_bench.md.", ""]
     if "remax" in studies and complete('eomt', 'eomt_remax'):
         lines += ["## EoMT with ReMaX's relaxations (ReMask + ReClass, eta 0.1) vs without", "",
-                  "| step | PQ plain | PQ ReMaX | mIoU plain | mIoU ReMaX |", "|---|---|---|---|---|"]
+                  "| step | PQ plain | PQ ReMaX | PQ ReMaX − plain (paired by seed) | mIoU plain | mIoU ReMaX |",
+                  "|---|---|---|---|---|---|"]
         for st in sorted({st for n in curves if n.startswith("eomt_remax") for st in curves[n]}):
-            cell = lambda p, m: mean_std([curves[f"{p}_s{s}"].get(st, {}).get(m, float("nan")) for s in args.seeds])
-            lines.append(f"| {st} | {cell('eomt', 'pq')} | {cell('eomt_remax', 'pq')} | {cell('eomt', 'miou')} | "
-                         f"{cell('eomt_remax', 'miou')} |")
-        lines.append("")
+            at = lambda p, m: [curves[f"{p}_s{s}"].get(st, {}).get(m, float("nan")) for s in args.seeds]
+            cell = lambda p, m: mean_std(at(p, m))
+            paired = mean_std([r - b for r, b in zip(at('eomt_remax', 'pq'), at('eomt', 'pq'))])
+            lines.append(f"| {st} | {cell('eomt', 'pq')} | {cell('eomt_remax', 'pq')} | {paired} | "
+                         f"{cell('eomt', 'miou')} | {cell('eomt_remax', 'miou')} |")
+        lines += ["", "Per seed: " + "; ".join(
+            f"{s}: PQ {100 * curves[f'eomt_s{s}'].get(args.steps, {}).get('pq', float('nan')):.1f} plain, "
+            f"{100 * curves[f'eomt_remax_s{s}'].get(args.steps, {}).get('pq', float('nan')):.1f} ReMaX"
+            for s in args.seeds) + ".", ""]
     if "pretrained" in studies and complete('eomt', 'mask2former', 'eomt_mae', 'mask2former_mae'):
         lines += [f"## EoMT vs Mask2Former-style, from scratch and from the same MAE-pretrained backbone ("
                   f"{args.pretrain_steps} MAE steps at batch 128)", "",
