@@ -41,8 +41,11 @@ def test_a_report_takes_runs_without_a_workdir_from_an_earlier_results_file(tmp_
                "train_minutes": {"eomt_s0": 7.0}, "cores": {"eomt_s0": "1"}, "wall_seconds": {}}
     path = tmp_path / "earlier.json"
     path.write_text(json.dumps(earlier))
-    got = reproduce.collect(runs, args, reproduce.load_earlier(str(path), args))
-    assert got["reused"] == ["eomt_s0"] and sorted(got["missing"]) == ["eomt_full_s0", "eomt_full_s1"]
+    later = tmp_path / "later.json"  # a second file: only runs the first one lacks come from it
+    later.write_text(json.dumps({**earlier, "curves": {"eomt_s0": {"40": {"pq": 0.7}}, "eomt_full_s0": {"40": {}}}}))
+    got = reproduce.collect(runs, args, reproduce.load_earlier([str(path), str(later)], args))
+    assert got["reused"] == {"eomt_s0": str(path), "eomt_full_s0": str(later)}
+    assert got["missing"] == ["eomt_full_s1"]
     assert got["curves"]["eomt_s0"] == {20: {"pq": 0.1}, 40: {"pq": 0.3}}  # integer steps, as from a workdir
     assert got["curves"]["eomt_s1"] == {20: {"pq": 0.25}, 40: {"pq": 0.5}}  # the workdir wins over the file
     rate = np.percentile([10.0, 20.0], 90, method="lower")  # the logged rates' 90th percentile, no interpolation
@@ -50,7 +53,7 @@ def test_a_report_takes_runs_without_a_workdir_from_an_earlier_results_file(tmp_
     assert got["train_minutes"]["eomt_s0"] == 7.0 and got["cores"]["eomt_s0"] == "1"
     other = reproduce.build_parser().parse_args(["--steps", "40", "--eval-examples", "100"])
     with pytest.raises(ValueError, match=r"another protocol.*'eval_examples': \(500, 100\)"):
-        reproduce.load_earlier(str(path), other)
+        reproduce.load_earlier([str(later), str(path)], other)
 
 
 def test_pretrained_study_fine_tunes_from_its_own_pretraining_runs():
@@ -78,3 +81,22 @@ def test_lanes_share_out_only_the_runs_still_to_finish(tmp_path, monkeypatch):
         write_run(tmp_path / name, 40, 0.5)
     reproduce.train(runs, args, {})
     assert sorted(started) == [("eomt_full_s1", (0,)), ("eomt_full_s2", (1,))]  # one per lane, none idle
+
+
+def test_runs_taken_from_an_earlier_file_are_not_trained_again(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(reproduce.sweep, "run", lambda config, workdir, overrides, steps, cores=None:
+                        started.append(os.path.basename(workdir)))
+    args = reproduce.build_parser().parse_args(["--steps", "40", "--workdirs", str(tmp_path)])
+    runs = reproduce.plan(["pretrained"], [0])  # mae_s0, eomt_mae_s0, mask2former_mae_s0, mask2former_s0, eomt_s0
+    reproduce.train(runs, args, {}, earlier=[{"path": "e.json", "curves": {"eomt_s0": {}, "mask2former_s0": {}}}])
+    assert sorted(started) == ["eomt_mae_s0", "mae_s0", "mask2former_mae_s0"]
+
+
+def test_a_report_does_not_replace_a_results_file_with_runs_it_does_not_plan(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"curves": {"eomt_s0": {}, "perpixel_s0": {}}, "missing_runs": ["eomt_full_s0"]}))
+    reproduce.check_not_replacing(str(path), reproduce.plan(["heads", "points"], [0, 1]))  # covers all three
+    with pytest.raises(ValueError, match=r"reports runs this invocation does not plan \(eomt_full_s0, perpixel_s0\)"):
+        reproduce.check_not_replacing(str(path), reproduce.plan(["remax"], [0, 1]))
+    reproduce.check_not_replacing(str(tmp_path / "absent.json"), {})

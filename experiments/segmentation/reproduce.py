@@ -22,9 +22,10 @@ Studies (runs in `--workdirs`, default workdirs/seg_repro; configs/{eomt,mask2fo
               job's recipe, configs/mae_builtin.py, at 64x64 with ViT-Ti/8), then fine-tuned with the same recipe as
               the from-scratch runs (fixed sin-cos position embedding, as MAE's).
 Seeds: `--seeds` (default 0 1 2) for every run, so differences come with their spread.
-Writes experiments/results/segmentation_builtin.{md,json} (`--results-name`). A reproduction that spans machines or
-sessions whose workdirs are gone reports with `--reuse <earlier results .json>`: runs without a finished workdir are
-taken from that file (same steps and evaluation protocol, checked), and the report names them.
+Writes experiments/results/segmentation_builtin.{md,json} (`--results-name`; it refuses, before training, to replace a
+results file that reports runs this invocation does not plan). A reproduction that spans machines or sessions whose
+workdirs are gone uses `--reuse <earlier results .json> ...`: runs without a finished workdir are taken from the first
+file that has them (same steps and evaluation protocol, checked), are not trained again, and the report names them.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -165,13 +166,18 @@ def lanes_of(runs: dict, lanes: int) -> list[tuple[list[str], Optional[list[int]
     return [(list(runs)[i::lanes], cpus[i * share:(i + 1) * share]) for i in range(lanes)]
 
 
-def train(runs: dict, args: argparse.Namespace, extra: dict) -> None:
-    """Trains (resumes, or skips when finished) every run, lane by lane in parallel (`--lanes`); the lanes share
-    out the runs still to finish, so finished ones leave no lane idle."""
+def train(runs: dict, args: argparse.Namespace, extra: dict, earlier: Sequence[dict] = ()) -> None:
+    """Trains (resumes, or skips when finished) every run, lane by lane in parallel (`--lanes`, at most one lane per
+    run); the lanes share out the runs still to finish, so finished ones leave no lane idle. Runs that `collect`
+    takes from an earlier results file (`earlier`, see load_earlier) are not trained again."""
     from maskjax.train.workdir import WorkdirLock
 
     runs = {name: run for name, run in runs.items()
             if not sweep.finished(sweep.read_metrics(os.path.join(args.workdirs, name)), steps_of(name, args))}
+    for name in [name for name in runs if any(name in e["curves"] for e in earlier)]:
+        print(f"== {name}: not trained, taken from {next(e['path'] for e in earlier if name in e['curves'])}",
+              flush=True)
+        del runs[name]
 
     def lane(names: list[str], cores: Optional[list[int]]) -> None:
         for name in names:
@@ -186,45 +192,66 @@ def train(runs: dict, args: argparse.Namespace, extra: dict) -> None:
             sweep.run(config, os.path.join(args.workdirs, name), {**overrides, **extra}, steps, cores=cores)
 
     with ThreadPoolExecutor(max(1, args.lanes)) as pool:  # a failed run raises here once the other lanes end
-        for future in [pool.submit(lane, names, cores) for names, cores in lanes_of(runs, args.lanes)]:
+        for future in [pool.submit(lane, names, cores)
+                       for names, cores in lanes_of(runs, min(args.lanes, len(runs)))]:
             future.result()
 
 
-def load_earlier(path: str, args: argparse.Namespace) -> dict:
-    """An earlier results file of this script, checked to follow this report's protocol (steps, evaluation every
-    and on how many images, read from the command it states)."""
-    with open(path) as f:
-        earlier = json.load(f)
-    theirs = build_parser().parse_args(shlex.split(earlier["command"])[2:])
-    differ = {key: (getattr(theirs, key), getattr(args, key))
-              for key in ("steps", "pretrain_steps", "eval_every", "eval_examples")
-              if getattr(theirs, key) != getattr(args, key)}
-    if differ:
-        raise ValueError(f"--reuse {path}: its runs follow another protocol, {{key: (theirs, this report's)}}: "
-                         f"{differ}")
+def load_earlier(paths: Sequence[str], args: argparse.Namespace) -> list[dict]:
+    """Earlier results files of this script, each checked to follow this report's protocol (steps, evaluation every
+    and on how many images, read from the command it states), with its 'path' added; a run is taken from the first
+    file that has it."""
+    earlier = []
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)
+        theirs = build_parser().parse_args(shlex.split(results["command"])[2:])
+        differ = {key: (getattr(theirs, key), getattr(args, key))
+                  for key in ("steps", "pretrain_steps", "eval_every", "eval_examples")
+                  if getattr(theirs, key) != getattr(args, key)}
+        if differ:
+            raise ValueError(f"--reuse {path}: its runs follow another protocol, {{key: (theirs, this report's)}}: "
+                             f"{differ}")
+        earlier.append({**results, "path": path})
     return earlier
 
 
-def collect(runs: dict, args: argparse.Namespace, earlier: Optional[dict]) -> dict:
-    """Every run's curve, train minutes, cores and wall seconds, from its finished workdir or else from the earlier
-    results file: {'curves', 'train_minutes', 'cores', 'wall_seconds', 'reused': [names], 'missing': [names]}."""
-    got = {"curves": {}, "train_minutes": {}, "cores": {}, "wall_seconds": {}, "reused": [], "missing": []}
+def collect(runs: dict, args: argparse.Namespace, earlier: Sequence[dict] = ()) -> dict:
+    """Every run's curve, train minutes, cores and wall seconds, from its finished workdir or else from the first
+    earlier results file that has it: {'curves', 'train_minutes', 'cores', 'wall_seconds', 'reused': {name: path},
+    'missing': [names]}."""
+    got = {"curves": {}, "train_minutes": {}, "cores": {}, "wall_seconds": {}, "reused": {}, "missing": []}
     for name in runs:
         workdir = os.path.join(args.workdirs, name)
         records = sweep.read_metrics(workdir)
+        source = next((e for e in earlier if name in e["curves"]), None)
         if sweep.finished(records, steps_of(name, args)):
             got["curves"][name] = eval_curve(records)
             got["train_minutes"][name] = train_minutes(records, steps_of(name, args), batch_of(workdir))
             got["cores"][name] = "/".join(str(n) for n in sorted(set(sweep.core_counts(workdir)), reverse=True)) or "?"
             got["wall_seconds"][name] = sweep.wall_seconds(workdir)
-        elif earlier is not None and name in earlier["curves"]:
-            got["curves"][name] = {int(step): evals for step, evals in earlier["curves"][name].items()}  # JSON keys
+        elif source is not None:
+            got["curves"][name] = {int(step): evals for step, evals in source["curves"][name].items()}  # JSON keys
             for key in ("train_minutes", "cores", "wall_seconds"):
-                got[key][name] = earlier[key].get(name, float("nan") if key != "cores" else "?")
-            got["reused"].append(name)
+                got[key][name] = source[key].get(name, float("nan") if key != "cores" else "?")
+            got["reused"][name] = source["path"]
         else:  # unfinished: skipped as busy, or a report of a reproduction under way
             got["missing"].append(name)
     return got
+
+
+def check_not_replacing(path: str, runs: dict) -> None:
+    """A report must not replace a results file that reports runs it does not plan (a partial training invocation
+    with the default --results-name once overwrote the all-studies file); checked before any training."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        results = json.load(f)
+    lost = sorted((set(results["curves"]) | set(results.get("missing_runs", []))) - set(runs))
+    if lost:
+        raise ValueError(f"{os.path.relpath(path, ROOT)} reports runs this invocation does not plan ({', '.join(lost)})"
+                         f"; give another --results-name (and --reuse {os.path.relpath(path, ROOT)} to report with "
+                         "them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the tables of the studies whose runs have all finished and list "
                              "the runs still missing (progress of a reproduction that spans sessions)")
-    parser.add_argument("--reuse", default="", help="an earlier results .json of this script: runs without a "
-                        "finished workdir are taken from it (same protocol, checked) and named in the report")
+    parser.add_argument("--reuse", nargs="+", default=[], help="earlier results .json files of this script: runs "
+                        "without a finished workdir are taken from the first that has them (same protocol, checked), "
+                        "are not trained, and are named in the report")
     return parser
 
 
@@ -259,12 +287,13 @@ def main() -> None:
     extra = {"evals.eval.every": args.eval_every, "evals.eval.examples": args.eval_examples}
     inside = os.path.relpath(args.workdirs, ROOT)  # runs start in ROOT: short init_from paths in the tables
     runs = plan(studies, args.seeds, args.workdirs if inside.startswith("..") else inside)
-    earlier = load_earlier(args.reuse, args) if args.reuse else None  # before any training: a bad file stops here
+    earlier = load_earlier(args.reuse, args)  # before any training: a bad file stops here
+    check_not_replacing(os.path.join(RESULTS, f"{args.results_name}.json"), runs)
     if not args.report_only:
         pretrain = {name: run for name, run in runs.items() if name.startswith(PRETRAIN + "_")}
         if pretrain:  # the fine-tuning runs start from their checkpoints
-            train(pretrain, args, extra)
-        train({name: run for name, run in runs.items() if name not in pretrain}, args, extra)
+            train(pretrain, args, extra, earlier)
+        train({name: run for name, run in runs.items() if name not in pretrain}, args, extra, earlier)
     got = collect(runs, args, earlier)
     curves, seconds, minutes_of, cores_of = got["curves"], got["wall_seconds"], got["train_minutes"], got["cores"]
     missing, reused = got["missing"], got["reused"]
@@ -288,9 +317,11 @@ def main() -> None:
              "'2/1': started on 2, resumed on 1; the 90th percentile then reflects the faster part).", ""]
     out = {"command": command, "steps": args.steps, "seeds": args.seeds, "curves": curves, "wall_seconds": seconds,
            "train_minutes": minutes_of, "cores": cores_of, "missing_runs": missing, "reused_runs": reused}
-    if reused:
-        lines += [f"Runs taken from `{args.reuse}` (their workdirs are not on this machine; command there: "
-                  f"`{earlier['command']}`): {', '.join(reused)}.", ""]
+    for source in earlier:
+        names = [name for name, path in reused.items() if path == source["path"]]
+        if names:
+            lines += [f"Runs taken from `{source['path']}` (their workdirs are not on this machine; command there: "
+                      f"`{source['command']}`): {', '.join(names)}.", ""]
     if missing:
         lines += [f"**Partial**: runs not finished yet (tables that need them are left out): {', '.join(missing)}.",
                   ""]
@@ -313,14 +344,17 @@ def main() -> None:
         lines.append("")
     if "heads" in studies and complete('eomt', 'mask2former', 'perpixel'):
         speed_runs = {h: f"{h}_s{args.seeds[0]}" for h in ("eomt", "mask2former", "perpixel")}
+        sources = [e for e in earlier if e["path"] in {reused.get(name) for name in speed_runs.values()}]
         if not set(speed_runs.values()) & set(reused):
             speed = inference_speed({h: os.path.join(args.workdirs, name) for h, name in speed_runs.items()})
-        elif set(speed_runs.values()) <= set(reused) and "images_per_second" in earlier:
-            speed = earlier["images_per_second"]  # the trained weights are not here to measure again
-            lines += [f"Inference images/s below: from `{args.reuse}` (trained models not on this machine).", ""]
+        elif set(speed_runs.values()) <= set(reused) and len(sources) == 1 and "images_per_second" in sources[0]:
+            speed = sources[0]["images_per_second"]  # the trained weights are not here to measure again
+            lines += [f"Inference images/s below: from `{sources[0]['path']}` (trained models not on this machine).",
+                      ""]
         else:
             raise ValueError(f"heads: the speed runs {sorted(speed_runs.values())} are split between workdirs and "
-                             f"--reuse {args.reuse}; measure them together (all in workdirs) or report all reused")
+                             f"--reuse files ({reused}); measure them together (all in workdirs) or reuse all three "
+                             "from one file that measured them")
         out["images_per_second"] = speed
         lines += ["## EoMT vs Mask2Former-style vs per-pixel (same ViT-Ti/8 backbone, steps, batch)", "",
                   "| head | PQ | PQ things | PQ stuff | mIoU | inference images/s (batch 32) | train minutes | cores |",
