@@ -18,7 +18,8 @@ Mask2Former-style config: PQ 45.5); with --config.model.mask_annealing=always PQ
 --config.segmentation.num_points=0 (full-mask loss) PQ 26.1; with ReMaX's relaxations
 (--config.segmentation.remask=True --config.segmentation.reclass_eta=0.1) PQ 24.3. Over seeds 0, 1, 2
 (experiments/results/segmentation_builtin_seeds.md, its command there; seeds 1-2 trained on one core, ~52 minutes
-each): PQ 22.6 ± 5.5 without ReMaX, 23.4 ± 1.5 with it. Fine-tuned from an MAE-pretrained backbone
+each): PQ 22.6 ± 5.5 without ReMaX, 23.4 ± 1.5 with it, 26.5 ± 4.1 with the full-mask loss (~36 minutes on one
+core). Fine-tuned from an MAE-pretrained backbone
 (experiments/results/segmentation_pretrained.md, seed 0, its command there; --config.model.posemb=sincos2d
 --config.init_from.workdir=<MAE run> --config.init_from.params_key=encoder): PQ 43.0, mIoU 54.5, ~49 minutes on
 one core (the Mask2Former-style config so: PQ 60.1).
