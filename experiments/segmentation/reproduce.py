@@ -174,9 +174,8 @@ def train(runs: dict, args: argparse.Namespace, extra: dict, earlier: Sequence[d
 
     runs = {name: run for name, run in runs.items()
             if not sweep.finished(sweep.read_metrics(os.path.join(args.workdirs, name)), steps_of(name, args))}
-    for name in [name for name in runs if any(name in e["curves"] for e in earlier)]:
-        print(f"== {name}: not trained, taken from {next(e['path'] for e in earlier if name in e['curves'])}",
-              flush=True)
+    for name in [name for name in runs if source_of(name, earlier)]:
+        print(f"== {name}: not trained, taken from {source_of(name, earlier)['path']}", flush=True)
         del runs[name]
 
     def lane(names: list[str], cores: Optional[list[int]]) -> None:
@@ -216,6 +215,11 @@ def load_earlier(paths: Sequence[str], args: argparse.Namespace) -> list[dict]:
     return earlier
 
 
+def source_of(name: str, earlier: Sequence[dict]) -> Optional[dict]:
+    """The first earlier results file (see load_earlier) that has run `name`, or None."""
+    return next((e for e in earlier if name in e["curves"]), None)
+
+
 def collect(runs: dict, args: argparse.Namespace, earlier: Sequence[dict] = ()) -> dict:
     """Every run's curve, train minutes, cores and wall seconds, from its finished workdir or else from the first
     earlier results file that has it: {'curves', 'train_minutes', 'cores', 'wall_seconds', 'reused': {name: path},
@@ -224,7 +228,7 @@ def collect(runs: dict, args: argparse.Namespace, earlier: Sequence[dict] = ()) 
     for name in runs:
         workdir = os.path.join(args.workdirs, name)
         records = sweep.read_metrics(workdir)
-        source = next((e for e in earlier if name in e["curves"]), None)
+        source = source_of(name, earlier)
         if sweep.finished(records, steps_of(name, args)):
             got["curves"][name] = eval_curve(records)
             got["train_minutes"][name] = train_minutes(records, steps_of(name, args), batch_of(workdir))
